@@ -1,0 +1,148 @@
+"""The adapter contract: how one baseline meets the MADCluster head.
+
+An adapter knows three things about its baseline and nothing else: where the hidden state is
+(a module name plus a layout, attached through the public :func:`madcluster_plugin.wrap`),
+which optimiser phases the baseline trains with, and which phase trains the hidden state (the
+head's loss joins that phase). Everything model-specific lives in the baseline itself
+(``forward``, ``loss``, ``score``, ``on_fit_start``, ``on_epoch_end``).
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from madcluster_plugin import MADClusterModel, wrap
+
+COMBINES = ("product", "sum", "head", "base")
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The plain baseline inside ``model`` (itself when ``model`` is not wrapped)."""
+    return model.backbone if isinstance(model, MADClusterModel) else model
+
+
+def is_wrapped(model: nn.Module) -> bool:
+    return isinstance(model, MADClusterModel)
+
+
+class Adapter:
+    """Default single-phase adapter; multi-phase baselines override :meth:`train_step`.
+
+    Subclasses set ``name``, ``hidden`` (dotted module name of the attachment point),
+    ``layout``/``select``/``capture`` (how the captured output maps to ``[B, T, D]``), and
+    implement :meth:`build`. ``phases`` names the optimisers (one per training phase) and
+    ``head_phase`` the phase whose loss trains the hidden state.
+    """
+
+    name: ClassVar[str] = ""
+    hidden: ClassVar[str] = ""
+    layout: ClassVar[str] = "BTD"
+    select: ClassVar[Any] = None
+    capture: ClassVar[str] = "first"
+    phases: ClassVar[tuple[str, ...]] = ("main",)
+    head_phase: ClassVar[str] = "main"
+    weight_decay: ClassVar[float] = 0.0
+
+    # ---- construction -------------------------------------------------------------------
+    def build(self, n_channels: int, window: int = 100, **overrides: Any) -> nn.Module:
+        raise NotImplementedError
+
+    def wrap(self, model: nn.Module, **madcluster_overrides: Any) -> MADClusterModel:
+        """Attach the head at this baseline's attachment point, through the public ``wrap()``."""
+        opts: dict[str, Any] = dict(hidden=self.hidden, layout=self.layout, select=self.select,
+                                    capture=self.capture)
+        for key in ("hidden", "layout", "select", "capture"):
+            if key in madcluster_overrides:
+                opts[key] = madcluster_overrides.pop(key)
+        return wrap(model, **opts, **madcluster_overrides)
+
+    # ---- optimisation -------------------------------------------------------------------
+    def phase_parameters(self, backbone: nn.Module) -> dict[str, list[nn.Parameter]]:
+        """Backbone parameters per phase; default: one phase holding all of them."""
+        return {self.phases[0]: [p for p in backbone.parameters() if p.requires_grad]}
+
+    def optimizers(self, model: nn.Module, lr: float) -> dict[str, torch.optim.Optimizer]:
+        """One Adam per phase; the head joins ``head_phase`` with nu free of weight decay."""
+        per_phase = self.phase_parameters(backbone_of(model))
+        opts: dict[str, torch.optim.Optimizer] = {}
+        for phase, params in per_phase.items():
+            groups: list[dict[str, Any]] = [
+                {"params": params, "weight_decay": self.weight_decay}
+            ]
+            if is_wrapped(model) and phase == self.head_phase:
+                groups += model.head_parameter_groups(lr, self.weight_decay)
+            opts[phase] = torch.optim.Adam(groups, lr=lr)
+        return opts
+
+    def base_loss(self, model: nn.Module, x: Tensor, epoch: int) -> tuple[Any, dict[str, Tensor]]:
+        out = model(x)
+        return out, backbone_of(model).loss(x, out, epoch)
+
+    def train_step(self, model: nn.Module, x: Tensor, optimizers: dict[str, torch.optim.Optimizer],
+                   epoch: int) -> dict[str, float]:
+        """One single-phase step: sum of the baseline's terms (+ the head's loss when wrapped)."""
+        model.train()
+        for opt in optimizers.values():
+            opt.zero_grad(set_to_none=True)
+        _, terms = self.base_loss(model, x, epoch)
+        total = sum(terms.values())
+        logs = {k: float(v.detach()) for k, v in terms.items()}
+        if is_wrapped(model):
+            head_loss = model.madcluster_loss()
+            total = total + head_loss
+            logs["madcluster"] = float(head_loss.detach())
+        total.backward()
+        for opt in optimizers.values():
+            opt.step()
+        if is_wrapped(model):
+            model.after_optimizer_step()
+        logs["total"] = float(total.detach())
+        return logs
+
+    @torch.no_grad()
+    def validation_loss(self, model: nn.Module, x: Tensor, epoch: int = 0) -> float:
+        """The quantity model selection minimises: all baseline terms plus the head loss."""
+        _, terms = self.base_loss(model, x, epoch)
+        total = sum(float(v) for v in terms.values())
+        if is_wrapped(model):
+            total += float(model.madcluster_loss())
+        return total
+
+    # ---- scoring ------------------------------------------------------------------------
+    @torch.no_grad()
+    def fit_score_normalizer(self, model: nn.Module, batches: Any) -> None:
+        """Fit the statistics of ``combine="sum"`` on training windows (never on test data).
+
+        ``batches`` is an iterable of ``[B, T, C]`` tensors. No-op for a plain model.
+        """
+        if not is_wrapped(model):
+            return
+        was_training = model.training
+        model.eval()
+        base_scores, head_scores = [], []
+        for x in batches:
+            out = model(x)
+            base_scores.append(backbone_of(model).score(x, out))
+            head_scores.append(model.head_score())
+        model.fit_score_normalizer(torch.cat(head_scores), torch.cat(base_scores))
+        model.train(was_training)
+
+    @torch.no_grad()
+    def score(self, model: nn.Module, x: Tensor, combine: str = "sum") -> Tensor:
+        """Per-point anomaly score ``[B, T]`` (higher = more anomalous)."""
+        if combine not in COMBINES:
+            raise ValueError(f"combine={combine!r}; expected one of {COMBINES}")
+        out = model(x)
+        base = backbone_of(model).score(x, out)
+        if not is_wrapped(model):
+            if combine != "base":
+                raise ValueError(
+                    f"combine={combine!r} needs a MADCluster-wrapped model; a plain "
+                    f"{self.name} model only has combine='base'")
+            return base
+        return model.anomaly_score(base_score=base, combine=combine)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, hidden={self.hidden!r}, layout={self.layout!r})"

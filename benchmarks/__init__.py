@@ -1,0 +1,1 @@
+"""Benchmarks: data, protocols, runner, tables (compare, clusters, ablation, overhead)."""
