@@ -1,0 +1,22 @@
+"""madcluster-plugin: MADCluster (Lee, Hwang, Kim, arXiv 2505.16223) as a drop-in head.
+
+    from madcluster_plugin import wrap
+    model = wrap(detector, hidden="encoder")
+    loss = detector_loss(model(x), x) + model.madcluster_loss()
+"""
+from .config import MADClusterConfig
+from .head import HeadOutput, MADClusterHead, head_macs
+from .wrapper import MADClusterModel, madcluster, unwrap_model, wrap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HeadOutput",
+    "MADClusterConfig",
+    "MADClusterHead",
+    "MADClusterModel",
+    "head_macs",
+    "madcluster",
+    "unwrap_model",
+    "wrap",
+]
