@@ -142,7 +142,7 @@ class MADClusterModel(nn.Module):
     @property
     def threshold(self) -> float:
         """The current nu as a float."""
-        return float(self.head.threshold)
+        return float(self.head.threshold.detach())
 
     @torch.no_grad()
     def fit_score_normalizer(self, head_scores: Tensor, base_scores: Tensor | None = None) -> None:
