@@ -62,14 +62,18 @@ class MADClusterModel(nn.Module):
         elif not callable(hidden):
             raise TypeError(f"hidden must be a dotted module name or a callable on the model "
                             f"output; got {type(hidden).__name__}")
-        if dim is None and target is not None:
-            dim = infer_dim(target, layout)
-        if dim is None:
-            if example_input is None:
-                raise ValueError(
-                    f"cannot tell the hidden size D of {hidden!r} from the module alone; pass "
-                    f"dim=<D> or example_input=<a batch> to wrap()")
-            dim = self._dim_from_example(example_input)
+        try:
+            if dim is None and target is not None:
+                dim = infer_dim(target, layout)
+            if dim is None:
+                if example_input is None:
+                    raise ValueError(
+                        f"cannot tell the hidden size D of {hidden!r} from the module alone; pass "
+                        f"dim=<D> or example_input=<a batch> to wrap()")
+                dim = self._dim_from_example(example_input)
+        except BaseException:
+            self.unwrap()  # leave the user's module without our hook
+            raise
         cfg = (config or MADClusterConfig()).replace(**overrides)
         self.head = MADClusterHead(int(dim), cfg)
         self.register_buffer("score_stats", torch.tensor([0.0, 1.0, 0.0, 1.0]))
