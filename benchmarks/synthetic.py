@@ -88,22 +88,22 @@ def make_synthetic(n_channels: int = 8, n_train: int = 4000, n_test: int = 4000,
         lo, hi = max(0, start - 20), min(n_test, start + length + 20)
         if labels[lo:hi].any():  # keep segments apart so each is its own event
             continue
-        chans = rng.choice(n_channels, size=max(1, int(rng.integers(1, max(2, n_channels // 3 + 1)))),
-                           replace=False)
+        lo_c, hi_c = max(1, n_channels // 3), max(1, n_channels // 2)
+        chans = rng.choice(n_channels, size=int(rng.integers(lo_c, hi_c + 1)), replace=False)
         seg = slice(start, start + length)
         sign = rng.choice([-1.0, 1.0])
         if kind == "spike":
-            test[seg, chans] += sign * rng.uniform(3, 6) * scale[chans]
+            test[seg, chans] += sign * rng.uniform(4, 8) * scale[chans]
         elif kind == "level_shift":
-            test[seg, chans] += sign * rng.uniform(1.0, 2.0) * scale[chans]
+            test[seg, chans] += sign * rng.uniform(2.0, 4.0) * scale[chans]
         elif kind == "frequency":
             t = np.arange(start, start + length, dtype=np.float64)[:, None] + n_train
-            fast = params["harm_amp"][chans] * np.sin(
+            fast = 2.0 * params["harm_amp"][chans] * np.sin(
                 2 * np.pi * t / (params["harm_periods"][chans] / 3.0) + params["harm_phases"][chans])
             test[seg, chans] += fast - harmonic[seg][:, chans]
         elif kind == "trend":
             ramp = np.linspace(0, 1, length)[:, None]
-            test[seg, chans] += sign * rng.uniform(1.5, 3.0) * ramp * scale[chans]
+            test[seg, chans] += sign * rng.uniform(3.0, 6.0) * ramp * scale[chans]
         elif kind == "correlation_break":
             test[seg, chans] -= 2 * factor_part[seg][:, chans]
         labels[seg] = 1
