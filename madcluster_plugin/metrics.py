@@ -373,18 +373,21 @@ def affiliation_events(
 # --------------------------------------------------------------------------------------------------
 # Range-AUC and VUS (definitions of the PyPI `vus` 0.0.6 package, version "opt")
 # --------------------------------------------------------------------------------------------------
-def _threshold_index(scores: np.ndarray, n_thresholds: int) -> tuple[np.ndarray, np.ndarray]:
-    """The thresholds and, for every point, the first threshold index at which it is predicted.
+def _thresholds(scores: np.ndarray, n_thresholds: int) -> tuple[np.ndarray, np.ndarray]:
+    """The thresholds ``thr_k`` and the number of predicted points ``Npred_k = #(score >= thr_k)``.
 
     Quirk (vus): thresholds are the order statistics ``sorted_desc[int(linspace(0, N-1, n))]`` -
     not the distinct scores; with 0/1 input they collapse to {1, 0}. ``pred_k = score >= thr_k``.
-    ``k0[i]`` = number of thresholds strictly above ``score[i]``, so point i is predicted at every
-    ``k >= k0[i]``.
     """
     n = scores.size
-    thr = np.sort(scores)[::-1][np.linspace(0, n - 1, n_thresholds).astype(int)]
-    k0 = np.searchsorted(-thr, -scores, side="left")
-    return thr, k0
+    asc = np.sort(scores)
+    thr = asc[::-1][np.linspace(0, n - 1, n_thresholds).astype(int)]
+    return thr, n - np.searchsorted(asc, thr, side="left")
+
+
+def _first_k(thr: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """Number of thresholds strictly above each value: the value is predicted at every k >= it."""
+    return np.searchsorted(-thr, -values, side="left")
 
 
 def _cum_counts(k0: np.ndarray, n_thresholds: int, weights: np.ndarray | None = None) -> np.ndarray:
@@ -392,40 +395,47 @@ def _cum_counts(k0: np.ndarray, n_thresholds: int, weights: np.ndarray | None = 
     return np.cumsum(np.bincount(k0, weights=weights, minlength=n_thresholds + 1))[:n_thresholds]
 
 
-def _buffer_distances(y: np.ndarray, a: np.ndarray, b: np.ndarray, half: int):
-    """Normal points within ``half`` of an anomaly segment and their distances to the two nearest
-    segment ends on the left (``x - b``) and two nearest segment starts on the right (``a - x``)."""
-    nrm = np.flatnonzero(y == 0)
+def _buffer_points(
+    y: np.ndarray, a: np.ndarray, b: np.ndarray, half: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Normal points within ``half`` of an anomaly segment, with the smallest and second smallest
+    of their distances to the two nearest segment ends on the left (``x - b``) and the two nearest
+    segment starts on the right (``a - x``). O(N + segments) time and memory."""
+    n = y.size
+    if half == 0:
+        empty = np.empty(0)
+        return np.empty(0, dtype=np.int64), empty, empty
+    lo = np.concatenate([np.maximum(a - half, 0), b + 1])
+    hi = np.concatenate([a, np.minimum(b + half, n - 1) + 1])
+    cover = np.cumsum(np.bincount(lo, minlength=n + 1) - np.bincount(hi, minlength=n + 1))[:n] > 0
+    pts = np.flatnonzero(cover & (y == 0))
     nseg = a.size
-    il = np.searchsorted(b, nrm)  # segments ending before x
-    ir = np.searchsorted(a, nrm)  # index of the first segment starting after x
-    inf = np.inf
-    d = np.empty((4, nrm.size))
-    d[0] = np.where(il >= 1, nrm - b[np.maximum(il - 1, 0)], inf)
-    d[1] = np.where(il >= 2, nrm - b[np.maximum(il - 2, 0)], inf)
-    d[2] = np.where(ir < nseg, a[np.minimum(ir, nseg - 1)] - nrm, inf)
-    d[3] = np.where(ir + 1 < nseg, a[np.minimum(ir + 1, nseg - 1)] - nrm, inf)
-    near = np.minimum(d[0], d[2]) <= half
-    return nrm[near], d[:, near]
+    il = np.searchsorted(b, pts)  # segments ending before x
+    ir = np.searchsorted(a, pts)  # index of the first segment starting after x
+    d = np.empty((4, pts.size))
+    d[0] = np.where(il >= 1, pts - b[np.maximum(il - 1, 0)], np.inf)
+    d[1] = np.where(il >= 2, pts - b[np.maximum(il - 2, 0)], np.inf)
+    d[2] = np.where(ir < nseg, a[np.minimum(ir, nseg - 1)] - pts, np.inf)
+    d[3] = np.where(ir + 1 < nseg, a[np.minimum(ir + 1, nseg - 1)] - pts, np.inf)
+    d.sort(axis=0)
+    return pts, d[0], d[1]
 
 
-def _soft_labels(d: np.ndarray, windows: np.ndarray) -> np.ndarray:
+def _soft_labels(d1: np.ndarray, d2: np.ndarray, windows: np.ndarray) -> np.ndarray:
     """Soft label e_w of buffer points for each window w: ``[len(windows), n_points]``.
 
     vus ``sequencing``: each segment (a, b) adds sqrt(1 - dist/w) to the points within w // 2 after b
     and before a (even across other segments), then min(., 1). Any one contribution is at least
-    sqrt(1/2), so two or more always saturate at 1: the two nearest ends per side are enough to be
-    exact. No extension for w in {0, 1}.
+    sqrt(1 - (w//2)/w) >= sqrt(1/2), so two or more saturate at 1: with ``d1 <= d2`` the two smallest
+    border distances, e_w = 1 if d2 <= w//2, sqrt(1 - d1/w) if only d1 <= w//2, else 0 - the same
+    floating-point value the package produces. No extension for w in {0, 1}.
     """
     w = windows.astype(np.float64)[:, None]
-    h = (windows // 2).astype(np.float64)[:, None]
-    wsafe = np.where(w > 0, w, 1.0)
-    total = np.zeros((windows.size, d.shape[1]))
-    for j in range(4):  # the four nearest segment borders (fixed count, not a loop over time)
-        dj = d[j][None, :]
-        ok = dj <= h
-        total += np.where(ok, np.sqrt(1.0 - np.where(ok, dj, 0.0) / wsafe), 0.0)
-    return np.minimum(total, 1.0)
+    h = (windows // 2)[:, None]
+    one = d1[None, :] <= h
+    e = np.where(one, np.sqrt(np.maximum(1.0 - d1[None, :] / np.maximum(w, 1.0), 0.0)), 0.0)
+    e[np.broadcast_to(d2[None, :] <= h, e.shape)] = 1.0
+    return e
 
 
 def _trapezoid_roc(fpr: np.ndarray, tpr: np.ndarray) -> np.ndarray:
@@ -465,25 +475,20 @@ def range_auc(
     nt = _check_thresholds(n_thresholds)
     n = y.size
     a, b = _segments(y)
-    thr, k0 = _threshold_index(s, nt)
-    n_pred = _cum_counts(k0, nt)
-    tp_anom = _cum_counts(k0[y == 1], nt)
-    half = window // 2
+    thr, n_pred = _thresholds(s, nt)
+    tp_anom = _cum_counts(_first_k(thr, s[y == 1]), nt)
     P = float(y.sum())
 
-    if window >= 2:
-        pts, d = _buffer_distances(y, a, b, half)
-        e = _soft_labels(d, np.array([window]))[0]
-    else:
-        pts, e = np.empty(0, dtype=np.int64), np.empty(0)
-    tp = tp_anom + _cum_counts(k0[pts], nt, weights=e)
+    pts, d1, d2 = _buffer_points(y, a, b, window // 2)
+    e = _soft_labels(d1, d2, np.array([window]))[0]
+    tp = tp_anom + _cum_counts(_first_k(thr, s[pts]), nt, weights=e)
     p_new = (P + (P + e.sum())) / 2.0
 
     # maximal runs of e != 0 (anomalies plus the buffer points, all of which have e > 0)
-    mask = y.astype(bool).copy()
+    mask = y.astype(bool)
     mask[pts] = True
     rs, re = _segments(mask.astype(np.int8))
-    run_k0 = np.searchsorted(-thr, -_run_max(s, rs, re), side="left")
+    run_k0 = _first_k(thr, _run_max(s, rs, re))
     existence = _cum_counts(run_k0, nt)
 
     tpr = np.minimum(tp / p_new, 1.0) * existence / rs.size
@@ -503,7 +508,7 @@ def vus(
 
     For every window w = 0..max_window (W+1 terms, averaged) and threshold k (ECOSYSTEM.md §1.4):
 
-    * quirk: thresholds are 250 order statistics, not all distinct scores (:func:`_threshold_index`);
+    * quirk: thresholds are 250 order statistics, not all distinct scores (:func:`_thresholds`);
     * B_k = sum of e_w over *predicted* normal points, A_k = predicted anomalies, TP_k = A_k + B_k;
     * quirk: P_new_k = (P + (P + B_k)) / 2 - only the predicted part of the buffer counts
       (Range-AUC counts the whole buffer);
@@ -526,22 +531,21 @@ def vus(
     n = y.size
     a, b = _segments(y)
     nseg = a.size
-    thr, k0 = _threshold_index(s, nt)
-    n_pred = _cum_counts(k0, nt)
-    tp_anom = _cum_counts(k0[y == 1], nt)
+    thr, n_pred = _thresholds(s, nt)
+    tp_anom = _cum_counts(_first_k(thr, s[y == 1]), nt)
     P = float(y.sum())
     H = W // 2
     windows = np.arange(W + 1)
 
     # B[w, k]: predicted soft-label mass of normal points, chunked over w
-    pts, d = _buffer_distances(y, a, b, H)
-    k0_pts = k0[pts]
+    pts, d1, d2 = _buffer_points(y, a, b, H)
+    k0_pts = _first_k(thr, s[pts])
     B = np.zeros((W + 1, nt))
     if pts.size:
         step = max(1, _CHUNK_CELLS // pts.size)
         for lo in range(0, W + 1, step):  # loop over window chunks; each chunk is one numpy pass
             ws = windows[lo : lo + step]
-            e = _soft_labels(d, ws)
+            e = _soft_labels(d1, d2, ws)
             flat = (np.arange(ws.size)[:, None] * (nt + 1) + k0_pts[None, :]).ravel()
             counts = np.bincount(flat, weights=e.ravel(), minlength=ws.size * (nt + 1))
             B[lo : lo + ws.size] = np.cumsum(counts.reshape(ws.size, nt + 1), axis=1)[:, :nt]
@@ -559,7 +563,7 @@ def vus(
     starts = np.flatnonzero(new_group.ravel())
     gmax = np.maximum.reduceat(buf.ravel(), starts)
     grow = starts // nseg
-    gk0 = np.searchsorted(-thr, -gmax, side="left")
+    gk0 = _first_k(thr, gmax)
     ex_counts = np.bincount(grow * (nt + 1) + gk0, minlength=(H + 1) * (nt + 1))
     existence_h = np.cumsum(ex_counts.reshape(H + 1, nt + 1), axis=1)[:, :nt]
     n_groups_h = new_group.sum(axis=1)
