@@ -1,0 +1,78 @@
+"""Run profiles: how much compute one (entity, model, variant, seed) run gets.
+
+* ``paper``: the released hyper-parameters (METHOD.md section 4.7, ``run_all_datasets.py``):
+  window 100, stride 1 for train and test, batch 128, lr 1e-4, 30 epochs, patience 5, every
+  baseline at its reference widths (the adapters' defaults). Meant for a GPU.
+* ``quick``: the whole 7 x 2 grid on MSL (27 channels) on two CPU cores in about an hour per
+  seed: narrower models (:data:`QUICK_WIDTHS`, one table), 4 epochs at lr 1e-3, training windows
+  every 10 steps capped at 192 per entity (evenly spread), validation capped at 48 windows, and
+  test windows every 10 steps (per-point scores are still averaged over all covering windows).
+  All 27 MSL channels are used; ``--entities`` narrows the set.
+
+Both keep window 100, the validation tail of 20% of train and best-checkpoint selection on the
+validation loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+#: Per-model constructor overrides of the quick profile (the paper profile uses none: the
+#: adapters' defaults are the reference widths of BASELINES.md).
+QUICK_WIDTHS: dict[str, dict[str, Any]] = {
+    "deepsvdd": {"hidden": 64, "n_layers": 2, "rep_dim": 32},
+    "usad": {"hidden_size": 10},
+    "beatgan": {"ndf": 16, "ngf": 16, "nz": 32},
+    "omnianomaly": {"rnn_hidden": 64, "dense_dim": 64, "nf_layers": 5},
+    "thoc": {"hidden": 64},
+    "anomaly_transformer": {"d_model": 64, "n_heads": 4, "n_layers": 2, "d_ff": 64},
+    "dcdetector": {"d_model": 64, "n_heads": 1, "e_layers": 2, "patch_sizes": (5, 10)},
+}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Training and scoring budget of one run (see the module docstring)."""
+
+    name: str
+    window: int = 100
+    train_stride: int = 1
+    test_stride: int = 1
+    batch: int = 128
+    lr: float = 1e-4
+    epochs: int = 30
+    patience: int = 5
+    min_delta: float = 1e-5
+    max_train_windows: int | None = None
+    max_val_windows: int | None = None
+    #: training windows used to fit the ``combine="sum"`` score normaliser
+    max_normalizer_windows: int | None = 2048
+    widths: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: MADClusterConfig overrides applied to every wrapped model
+    head: dict[str, Any] = field(default_factory=dict)
+    #: percentile of validation scores used as the label-free threshold
+    val_percentile: float = 99.0
+
+    def build_overrides(self, model: str) -> dict[str, Any]:
+        return dict(self.widths.get(model, {}))
+
+    def with_overrides(self, **changes: Any) -> "Profile":
+        """A copy with the given fields changed (``None`` values are ignored)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__dataclass_fields__}
+
+
+PROFILES: dict[str, Profile] = {
+    "paper": Profile("paper"),
+    "quick": Profile("quick", train_stride=10, test_stride=10, batch=64, lr=1e-3, epochs=4,
+                     patience=2, max_train_windows=192, max_val_windows=48,
+                     max_normalizer_windows=192, widths=QUICK_WIDTHS),
+}
+
+
+def get_profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose from {', '.join(PROFILES)}")
+    return PROFILES[name]
