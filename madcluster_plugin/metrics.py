@@ -326,6 +326,9 @@ def affiliation(labels: np.ndarray, predictions: np.ndarray) -> tuple[float, flo
       this into F = 0; we keep NaN so the caller sees it);
     * predictions far from every anomaly still belong to the zone of the nearest ground-truth
       event (zones tile the whole series), so they lower that zone's precision.
+
+    ``vus.get_metrics`` (all-metrics branch) builds the predicted events from ``score > 0.5``; pass
+    ``(scores > 0.5)`` to reproduce it on the same input.
     """
     y = _labels(labels)
     pred = _binary(predictions, "predictions")
@@ -518,6 +521,8 @@ def vus(
     * FPR_k = (Npred_k - TP_k) / (N - P_new_k); Prec_k = TP_k / Npred_k;
     * ROC area by trapezoids over (0,0), points, (1,1); quirk: PR area by right-endpoint steps
       sum_k (TPR_k - TPR_{k-1}) * Prec_k with TPR_{-1} = 0 (Range-AUC uses trapezoids);
+    * the package sums TP and the labelled mass over the buffered segments of the *largest* window
+      (its ``l``); they cover every point with e_w > 0, so these are plain sums here;
     * the package's leftover all-zero ``tp`` array adds nothing and is omitted; the all-zero-label
       division by zero of the package is a ValueError here.
 
