@@ -22,6 +22,7 @@ Writes ``overhead.csv`` (one row per backbone and batch) and ``overhead.md`` ato
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import io
 import json
@@ -50,6 +51,7 @@ log = logging.getLogger("benchmarks.overhead")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MAC_TARGET_PCT = 0.5     # the head may add at most 0.5% MACs ...
 TIME_TARGET_RATIO = 1.05  # ... and 5% wall time to a training step (issue #7, acceptance 2)
+CLOCKS = ("wall", "process")
 LR = 1e-4                # the released code's learning rate (METHOD.md section 4.7)
 
 #: MADCluster appendix Table 2 (MSL), as printed (METHOD.md section 4.2):
@@ -73,9 +75,10 @@ CSV_COLUMNS = [
     "train_ms_plain", "train_iqr_plain", "train_ms_wrapped", "train_iqr_wrapped", "train_ratio",
     "train_target_ok",
     "infer_ms_plain", "infer_iqr_plain", "infer_ms_wrapped", "infer_iqr_wrapped", "infer_ratio",
+    "head_train_ms", "head_infer_ms", "head_train_pct",
     "peak_mem_plain_mb", "peak_mem_wrapped_mb", "peak_mem_method",
     "paper_macs", "paper_params", "paper_macs_wrapped", "paper_params_wrapped",
-    "repeats", "device", "note",
+    "repeats", "clock", "device", "note",
 ]
 
 
@@ -132,10 +135,21 @@ def _run_wrapped(model: nn.Module, x: Tensor) -> Any:
 # timing
 # ---------------------------------------------------------------------------------------------
 class Timer:
-    """Milliseconds of one call: CUDA events plus synchronisation on a GPU, perf_counter on a CPU."""
+    """Milliseconds of one call.
 
-    def __init__(self, device: torch.device) -> None:
+    On a GPU: CUDA events around the call, with synchronisation before and after. On a CPU:
+    ``clock="wall"`` (``time.perf_counter``, the latency a user sees on an idle machine) or
+    ``clock="process"`` (``time.process_time``: CPU seconds of all threads of this process).
+    The process clock is immune to preemption by other processes, which dominates wall time on
+    an oversubscribed machine; use it with ``--threads 1``, where CPU time equals the latency on
+    one idle core (with more threads it also counts OpenMP workers spinning while they wait).
+    """
+
+    def __init__(self, device: torch.device, clock: str = "wall") -> None:
+        if clock not in CLOCKS:
+            raise ValueError(f"clock={clock!r}; expected one of {CLOCKS}")
         self.cuda = device.type == "cuda"
+        self.now = time.process_time if clock == "process" else time.perf_counter
 
     def __call__(self, fn: Callable[[], Any]) -> float:
         if self.cuda:
@@ -147,9 +161,9 @@ class Timer:
             end.record()
             torch.cuda.synchronize()
             return float(start.elapsed_time(end))
-        t0 = time.perf_counter()
+        t0 = self.now()
         fn()
-        return (time.perf_counter() - t0) * 1e3
+        return (self.now() - t0) * 1e3
 
 
 @dataclass
@@ -196,7 +210,7 @@ def _prepare(name: str, model: nn.Module, x: Tensor) -> dict[str, torch.optim.Op
 
 
 def time_pair(name: str, plain: nn.Module, wrapped: nn.Module, x: Tensor, *, repeats: int,
-              warmup: int, device: torch.device) -> tuple[Timing, Timing]:
+              warmup: int, device: torch.device, clock: str = "wall") -> tuple[Timing, Timing]:
     """(training step, inference) timings of ``plain`` vs ``wrapped`` on the batch ``x``.
 
     Repeats alternate the order (plain first on even repeats, wrapped first on odd ones).
@@ -204,7 +218,7 @@ def time_pair(name: str, plain: nn.Module, wrapped: nn.Module, x: Tensor, *, rep
     wrapped, the head's score combined by ``"sum"`` (the library default).
     """
     adapter = adapters.get(name)
-    timer = Timer(device)
+    timer = Timer(device, clock)
     models = {"plain": plain, "wrapped": wrapped}
     opts = {k: _prepare(name, m, x) for k, m in models.items()}
     combine = {"plain": "base", "wrapped": "sum"}
@@ -230,6 +244,37 @@ def time_pair(name: str, plain: nn.Module, wrapped: nn.Module, x: Tensor, *, rep
                 times[k].append(timer(make(k)))
         results.append(summarize(times["plain"], times["wrapped"]))
     return results[0], results[1]
+
+
+def time_head(head: nn.Module, batch: int, steps: int, *, repeats: int, warmup: int,
+              device: torch.device, clock: str = "wall", seed: int = 0) -> tuple[float, float]:
+    """Median ms of the head alone on hidden states ``[batch, steps, D]``: (loss forward +
+    backward, including the gradient into the hidden state; score forward without grad).
+
+    Isolated from the backbone, this is the head's own share of a step, free of the run-to-run
+    noise that dominates a wrapped/plain ratio on a busy machine. A copy of ``head`` is timed, so
+    the benchmarked model is not touched.
+    """
+    head = copy.deepcopy(head).to(device)
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(batch, steps, head.dim, generator=gen).to(device).requires_grad_(True)
+    timer = Timer(device, clock)
+
+    def train() -> None:
+        head.zero_grad(set_to_none=True)
+        h.grad = None
+        head.loss(head(h)).backward()
+
+    def infer() -> None:
+        with torch.no_grad():
+            head.score(head(h))
+
+    out = []
+    for fn in (train, infer):
+        for _ in range(warmup):
+            fn()
+        out.append(statistics.median(timer(fn) for _ in range(repeats)))
+    return out[0], out[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,11 +337,14 @@ def memory_probe(name: str, variant: str, channels: int, window: int, batch: int
 
 
 def cpu_peak_memory(name: str, variant: str, channels: int, window: int, batch: int,
-                    n_clusters: int, seed: int = 0, timeout: float = 900.0) -> tuple[float, str]:
+                    n_clusters: int, seed: int = 0, threads: int | None = None,
+                    timeout: float = 900.0) -> tuple[float, str]:
     """Run :func:`memory_probe` in a fresh Python process; returns (MB, method)."""
     cmd = [sys.executable, "-m", "benchmarks.overhead", "--memory-probe", name, variant,
            "--channels", str(channels), "--window", str(window), "--batch", str(batch),
            "--clusters", str(n_clusters), "--seed", str(seed)]
+    if threads:
+        cmd += ["--threads", str(threads)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -339,7 +387,7 @@ def cuda_peak_memory(name: str, variant: str, channels: int, window: int, batch:
 # ---------------------------------------------------------------------------------------------
 def measure_model(name: str, *, channels: int, window: int, batches: Sequence[int], n_clusters: int,
                   device: torch.device, repeats: int, warmup: int, memory: bool,
-                  seed: int = 0) -> list[dict[str, Any]]:
+                  clock: str = "wall", seed: int = 0) -> list[dict[str, Any]]:
     """All measurements of one backbone: one row per batch size."""
     adapter = adapters.get(name)
     notes: list[str] = []
@@ -360,7 +408,8 @@ def measure_model(name: str, *, channels: int, window: int, batches: Sequence[in
     dim = int(wrapped.head.dim)
     k = int(wrapped.head.config.n_clusters)
     p_plain, p_wrapped = n_params(plain), n_params(wrapped)
-    head_analytic = head_macs_analytic(1, _head_steps(wrapped, plain, shape), dim, k,
+    head_steps = _head_steps(wrapped, shape)  # T' of the captured hidden state (1 for layout BD)
+    head_analytic = head_macs_analytic(1, head_steps, dim, k,
                                        target=wrapped.head.config.target)
     paper = PAPER_TABLE2.get(name)
     rows = []
@@ -368,9 +417,13 @@ def measure_model(name: str, *, channels: int, window: int, batches: Sequence[in
         gen = torch.Generator().manual_seed(seed + batch)
         x = torch.rand(batch, window, channels, generator=gen).to(device)
         t0 = time.perf_counter()
-        train, infer = time_pair(name, plain, wrapped, x, repeats=repeats, warmup=warmup, device=device)
-        log.info("%s batch %d: timed in %.1fs (train %.1f/%.1f ms)", name, batch,
-                 time.perf_counter() - t0, train.plain_ms, train.wrapped_ms)
+        train, infer = time_pair(name, plain, wrapped, x, repeats=repeats, warmup=warmup, device=device,
+                                 clock=clock)
+        head_train_ms, head_infer_ms = time_head(
+            wrapped.head, batch, head_steps, repeats=max(repeats, 5), warmup=max(warmup, 1),
+            device=device, clock=clock, seed=seed)
+        log.info("%s batch %d: timed in %.1fs (train %.1f/%.1f ms, head alone %.2f ms)", name, batch,
+                 time.perf_counter() - t0, train.plain_ms, train.wrapped_ms, head_train_ms)
         mem_plain = mem_wrapped = float("nan")
         mem_method = "skipped (--skip-memory)"
         if memory:
@@ -379,8 +432,11 @@ def measure_model(name: str, *, channels: int, window: int, batches: Sequence[in
                 mem_plain, mem_method = cuda_peak_memory(name, "plain", channels, window, batch, n_clusters, device, seed)
                 mem_wrapped, _ = cuda_peak_memory(name, "wrapped", channels, window, batch, n_clusters, device, seed)
             else:
-                mem_plain, mem_method = cpu_peak_memory(name, "plain", channels, window, batch, n_clusters, seed)
-                mem_wrapped, _ = cpu_peak_memory(name, "wrapped", channels, window, batch, n_clusters, seed)
+                threads = torch.get_num_threads()
+                mem_plain, mem_method = cpu_peak_memory(name, "plain", channels, window, batch, n_clusters,
+                                                        seed, threads)
+                mem_wrapped, _ = cpu_peak_memory(name, "wrapped", channels, window, batch, n_clusters,
+                                                 seed, threads)
             log.info("%s batch %d: memory in %.1fs", name, batch, time.perf_counter() - t0)
         macs_delta_pct = 100.0 * (mac_wrapped.macs - mac_plain.macs) / mac_plain.macs if mac_plain.macs else float("nan")
         head_pct = 100.0 * head_analytic / mac_plain.macs if mac_plain.macs else float("nan")
@@ -401,13 +457,16 @@ def measure_model(name: str, *, channels: int, window: int, batches: Sequence[in
             "infer_ms_plain": infer.plain_ms, "infer_iqr_plain": infer.plain_iqr,
             "infer_ms_wrapped": infer.wrapped_ms, "infer_iqr_wrapped": infer.wrapped_iqr,
             "infer_ratio": infer.ratio,
+            "head_train_ms": head_train_ms, "head_infer_ms": head_infer_ms,
+            "head_train_pct": 100.0 * head_train_ms / train.plain_ms,
             "peak_mem_plain_mb": mem_plain, "peak_mem_wrapped_mb": mem_wrapped,
             "peak_mem_method": mem_method,
             "paper_macs": parse_paper(paper[0]) if paper else float("nan"),
             "paper_params": parse_paper(paper[1]) if paper else float("nan"),
             "paper_macs_wrapped": parse_paper(paper[2]) if paper else float("nan"),
             "paper_params_wrapped": parse_paper(paper[3]) if paper else float("nan"),
-            "repeats": repeats, "device": _device_label(device), "note": "; ".join(notes),
+            "repeats": repeats, "clock": "cuda events" if device.type == "cuda" else clock,
+            "device": _device_label(device), "note": "; ".join(notes),
         })
     del plain, wrapped
     if device.type == "cuda":
@@ -415,7 +474,7 @@ def measure_model(name: str, *, channels: int, window: int, batches: Sequence[in
     return rows
 
 
-def _head_steps(wrapped: nn.Module, plain: nn.Module, shape: tuple[int, ...]) -> int:
+def _head_steps(wrapped: nn.Module, shape: tuple[int, ...]) -> int:
     """T' of the captured hidden state ``[B, T', D]`` for an input of ``shape`` (e.g. 1 for BD)."""
     dev = next(wrapped.parameters()).device
     x = torch.zeros(shape, device=dev)
@@ -468,8 +527,8 @@ def to_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     out.append(f"Command: `{meta['command']}`  ")
     out.append(f"Device: {meta['device']}; torch {meta['torch']}; Python {meta['python']}; "
                f"window {meta['window']}, channels {meta['channels']}, K = {meta['K']}; "
-               f"{meta['repeats']} timed repeats after {meta['warmup']} warm-up; "
-               f"load average at start {meta['load']}; wall time {meta['wall_s']:.0f} s.")
+               f"{meta['repeats']} timed repeats after {meta['warmup']} warm-up ({meta['clock']}); "
+               f"load average (1 min) at start -> end {meta['load']}; wall time {meta['wall_s']:.0f} s.")
     out += ["", "## Parameters", "",
             "| model | D | params plain | params +head | delta | K*D+1 | paper plain | paper +head |",
             "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -502,13 +561,16 @@ def to_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     out += ["", "## Latency and peak memory", "",
             "Median ± half the IQR (ms). Ratio: median of adjacent wrapped/plain pairs. Training step: "
             "`adapter.train_step` (forward, losses, backward, all optimiser steps). Inference: "
-            "`adapter.score` in eval mode (plain: base score; wrapped: `combine=\"sum\"`).", "",
-            "| model | batch | train plain | train +head | train ratio | <= 1.05 | infer plain | infer +head | infer ratio | peak MB plain | peak MB +head |",
-            "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+            "`adapter.score` in eval mode (plain: base score; wrapped: `combine=\"sum\"`). Head alone: "
+            "the head's loss forward + backward on a hidden state of the same shape, timed in "
+            "isolation (median ms, % of the plain training step).", "",
+            "| model | batch | train plain | train +head | train ratio | <= 1.05 | head alone | infer plain | infer +head | infer ratio | peak MB plain | peak MB +head |",
+            "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         out.append(f"| {r['model']} | {r['batch']} | {_ms(r['train_ms_plain'], r['train_iqr_plain'])} | "
                    f"{_ms(r['train_ms_wrapped'], r['train_iqr_wrapped'])} | {r['train_ratio']:.3f} | "
                    f"{'yes' if r['train_target_ok'] else '**no**'} | "
+                   f"{r['head_train_ms']:.2f} ({r['head_train_pct']:.2f}%) | "
                    f"{_ms(r['infer_ms_plain'], r['infer_iqr_plain'])} | "
                    f"{_ms(r['infer_ms_wrapped'], r['infer_iqr_wrapped'])} | {r['infer_ratio']:.3f} | "
                    f"{_mb(r['peak_mem_plain_mb'])} | {_mb(r['peak_mem_wrapped_mb'])} |")
@@ -580,6 +642,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed repeats per variant (default: 5 on a CPU, 30 on a GPU)")
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed warm-up repeats per variant (default: 1 on a CPU, 5 on a GPU)")
+    p.add_argument("--clock", choices=CLOCKS, default="wall",
+                   help="CPU timing clock: wall (default) or process (CPU time; with --threads 1 on "
+                        "a shared machine). CUDA always uses CUDA events")
     p.add_argument("--skip-memory", action="store_true", help="do not measure peak memory")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
@@ -631,12 +696,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("%s ...", name)
         rows += measure_model(name, channels=args.channels, window=args.window, batches=args.batch,
                               n_clusters=args.clusters, device=device, repeats=repeats,
-                              warmup=warmup, memory=not args.skip_memory, seed=args.seed)
+                              warmup=warmup, memory=not args.skip_memory, clock=args.clock,
+                              seed=args.seed)
     argv_list = list(sys.argv[1:] if argv is None else argv)
     meta = {"command": "python -m benchmarks overhead " + " ".join(argv_list),
             "device": _device_label(device), "torch": torch.__version__,
             "python": platform.python_version(), "window": args.window, "channels": args.channels,
-            "K": args.clusters, "repeats": repeats, "warmup": warmup, "load": f"{load:.2f}",
+            "K": args.clusters, "repeats": repeats, "warmup": warmup,
+            "clock": "CUDA events" if cuda else f"{args.clock} clock",
+            "load": f"{load:.2f} -> {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a",
             "wall_s": time.perf_counter() - t_start}
     md = to_markdown(rows, meta)
     atomic_write(args.out / "overhead.csv", to_csv(rows))

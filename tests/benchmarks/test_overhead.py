@@ -207,7 +207,8 @@ def _run_cli(tmp_path, device: str, extra: list[str]) -> list[dict[str, str]]:
 
 
 def test_cli_on_cpu(tmp_path) -> None:
-    (row,) = _run_cli(tmp_path, "cpu", ["--skip-memory", "--threads", "1"])
+    (row,) = _run_cli(tmp_path, "cpu", ["--skip-memory", "--threads", "1", "--clock", "process"])
+    assert row["clock"] == "process"
     assert row["model"] == "deepsvdd" and row["D"] == "64" and row["device"].startswith("cpu")
     assert int(row["params_delta"]) == 65 and row["params_delta_ok"] == "True"
     # 3-layer bias-free GRU-128 + 128->64 projection on [1, 16, 4], counted by hand
@@ -216,6 +217,7 @@ def test_cli_on_cpu(tmp_path) -> None:
     assert int(row["macs_wrapped"]) - int(row["macs_plain"]) == 16 * 64  # the head's cosine matmul
     assert int(row["head_macs_analytic"]) == 16 * 3 * 64 + 64
     assert float(row["train_ms_plain"]) > 0 and float(row["infer_ratio"]) > 0
+    assert 0 < float(row["head_train_ms"]) < float(row["train_ms_wrapped"])
     assert float(row["paper_macs"]) == pytest.approx(31.81e6)
     assert row["peak_mem_plain_mb"] == ""
 
@@ -236,7 +238,7 @@ def test_cpu_peak_memory_in_a_subprocess() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cli_on_cuda(tmp_path) -> None:
     (row,) = _run_cli(tmp_path, "cuda", [])
-    assert row["device"].startswith("cuda")
+    assert row["device"].startswith("cuda") and row["clock"] == "cuda events"
     assert int(row["params_delta"]) == 65
     assert 0 < float(row["peak_mem_plain_mb"]) < float(row["peak_mem_wrapped_mb"]) + 1.0
     assert float(row["train_ms_plain"]) > 0 and float(row["train_ms_wrapped"]) > 0
