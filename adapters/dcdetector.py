@@ -1,0 +1,94 @@
+"""DCdetector adapter: two attachment points for the MADCluster head, chosen by ``attach``.
+
+* ``attach="query"`` (default, recommended): module ``patch_representation``, ``[B, T, d_model]``:
+  per point, the query-projected patch-wise embeddings averaged over channels, up-sampled to the
+  window (each patch repeated ``p`` times), averaged over patch sizes and layers (BASELINES.md
+  section 7, "faithful alternative"). Why this one: it is the only per-point tensor of DCdetector
+  that the DCdetector loss itself trains (the patch embeddings and the query projections are what
+  its attention maps are made of), so the head shapes a representation the detector also uses,
+  and the head's loss flows into the detector's own parameters. It is per point and covers every
+  scale and layer; the patch-wise branch (not the in-patch one) is chosen because it is the one
+  with a time axis (in-patch tokens are in-patch positions, shared by all patches).
+* ``attach="x_ori"``: module ``window_embedding``, the DataEmbedding of the whole window
+  ``[B, T, d_model]``: parity with the released MADCluster code, which attaches there. DCdetector's
+  loss never uses that embedding (the reference only feeds it to a value projection whose output
+  it discards), so with this attachment the head trains the embedding alone, and the detector's
+  score and the head's score come from disjoint parameters (METHOD.md section 1.1).
+
+Both give ``D = d_model`` (256), so wrapping adds ``D + 1`` = 257 parameters, 922,680 in all at the
+released configuration (55 channels). ``adapter.wrap(model, attach="x_ori")`` or
+``adapter.wrap(model, hidden="window_embedding")`` selects the parity point.
+
+Training: one loss (``prior - series``, the stop-gradient contrastive objective) and one
+optimiser, as the reference; the head's loss joins the same backward (the default
+:meth:`Adapter.train_step`). The reference's lr halving per epoch is the runner's business.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+from adapters.base import Adapter, backbone_of
+from baselines.dcdetector import DCdetector
+from madcluster_plugin import MADClusterModel
+
+ATTACH_POINTS = {"query": "patch_representation", "x_ori": "window_embedding"}
+
+
+def _check_overrides(cls: type, overrides: dict[str, Any], fixed: tuple[str, ...]) -> None:
+    """Raise a ValueError naming unknown build overrides and the accepted ones."""
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self",) + fixed]
+    unknown = sorted(set(overrides) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} build overrides {unknown}; accepted: {accepted}")
+
+
+class DCdetectorAdapter(Adapter):
+    """DCdetector with an optional MADCluster head on ``patch_representation`` or ``window_embedding``.
+
+    ``DCdetectorAdapter(attach="x_ori")`` makes the parity point this adapter's default; a single
+    ``wrap(..., attach=...)`` call can also choose.
+    """
+
+    name = "dcdetector"
+    hidden = ATTACH_POINTS["query"]
+    layout = "BTD"
+    select = None
+    capture = "first"
+    phases = ("main",)
+    head_phase = "main"
+    weight_decay = 0.0
+
+    def __init__(self, attach: str = "query") -> None:
+        self.hidden = self._hidden_of(attach)  # instance attribute shadows the class default
+        self.attach = attach
+
+    @staticmethod
+    def _hidden_of(attach: str) -> str:
+        if attach not in ATTACH_POINTS:
+            raise ValueError(f"attach={attach!r}; expected one of {sorted(ATTACH_POINTS)} "
+                             f"(query: trained patch representation, x_ori: MADCluster parity)")
+        return ATTACH_POINTS[attach]
+
+    def build(self, n_channels: int, window: int = 100, **overrides: Any) -> nn.Module:
+        """The released MADCluster configuration (patches 2/5/10, d_model 256, 1 head, 3 layers)
+        unless overridden; every patch size must divide ``window``."""
+        _check_overrides(DCdetector, overrides, ("n_channels", "window"))
+        if "patch_sizes" not in overrides:
+            bad = [p for p in (2, 5, 10) if window % p]
+            if bad:
+                raise ValueError(f"the default patch sizes (2, 5, 10) must divide window={window} "
+                                 f"({bad} do not); pass patch_sizes=... made of divisors of {window}")
+        return DCdetector(n_channels, window=window, **overrides)
+
+    def wrap(self, model: nn.Module, **madcluster_overrides: Any) -> MADClusterModel:
+        """Attach the head; ``attach="query" | "x_ori"`` picks the point (``hidden=`` also works)."""
+        attach = madcluster_overrides.pop("attach", None)
+        if attach is not None:
+            if "hidden" in madcluster_overrides:
+                raise ValueError("pass either attach= or hidden= to wrap(), not both")
+            madcluster_overrides["hidden"] = self._hidden_of(attach)
+        madcluster_overrides.setdefault("dim", backbone_of(model).d_model)
+        return super().wrap(model, **madcluster_overrides)

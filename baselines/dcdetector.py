@@ -1,0 +1,391 @@
+"""DCdetector (a plain baseline; knows nothing about MADCluster).
+
+Paper: Yiyuan Yang, Chaoli Zhang, Tian Zhou, Qingsong Wen, Liang Sun, "DCdetector: Dual Attention
+Contrastive Representation Learning for Time Series Anomaly Detection", KDD 2023.
+
+Reference followed: the official code, DAMO-DI-ML/KDD2023-DCdetector (``model/DCdetector.py``,
+``model/attn.py``, ``model/embed.py``, ``solver.py``), in the configuration of MADCluster's variant
+(SYLee1996/MADCluster, ``MADCluster/MADCluster_MODEL.py`` and its run script: window 100, patch
+sizes 2/5/10, d_model 256, 1 head, 3 layers); BASELINES.md section 7. With 55 channels this is
+exactly 922,423 parameters (BASELINES.md section 10).
+
+Model. Channel independence: every channel of the (per-window normalised) window is split, for
+each patch size ``p`` (``n = T / p``), into
+
+* patch-wise tokens: ``n`` patches of ``p`` consecutive points, embedded by a circular Conv1d
+  (``p -> d``, kernel 3, no bias) plus a fixed sinusoidal position code;
+* in-patch tokens: ``p`` tokens, token ``r`` holding the points at in-patch position ``r`` of all
+  ``n`` patches (times ``r, r + p, r + 2p, ...``), embedded by a Conv1d ``n -> d``.
+
+Each of the ``L`` layers has its own query/key projections, shared by both token sets, and gives
+the attention maps ``S = softmax(Q K^T / sqrt(E))`` (``[n x n]``) and ``N`` (``[p x p]``). The
+layers do not feed into each other (there is no residual stream): each recomputes attention from
+the same embeddings. The maps are averaged over channels and up-sampled to ``[T x T]``: ``S`` by
+repeating every entry as a ``p x p`` block (time ``a`` belongs to patch ``a // p``), ``N`` by
+tiling it ``n x n`` times (time ``a`` has in-patch position ``a mod p``).
+
+Objective (contrastive, no negatives; stop-gradient ``sg``; ``N^`` = ``N`` with rows normalised;
+row-wise smoothed KL averaged over heads, mean over windows, times and the ``|P| L`` map pairs)::
+
+    series = KL(S || sg N^) + KL(sg N^ || S)      prior = KL(N^ || sg S) + KL(sg S || N^)
+    loss   = prior - series                        (value identically 0; only the gradients differ)
+
+Score per point (the reference's ``test``): ``softmax_t(-temperature * sum_u [KL(S_u || N^_u) +
+KL(N^_u || S_u)]_t)`` over the ``T`` points of each window, NOT averaged over the window (the
+window mean of a softmax is the constant ``1/T``, which is what the released MADCluster code
+ended up scoring: METHOD.md section 1.7).
+
+What we changed (and why):
+
+* In-patch mapping bug fixed. The reference builds in-patch tokens from contiguous chunks
+  (``'(p n) -> p n'``: time ``a`` sits in token ``a // n``) but up-samples their map by tiling,
+  which reads row ``a mod p``: every in-patch attention weight lands on the wrong time pairs
+  (BASELINES.md section 7, pitfalls). We keep the tiling, which is the paper's in-patch
+  semantics (dependencies between positions inside a patch, repeated for every patch), and build
+  the tokens to match it (``'(n p) -> p n'``, token ``a mod p``). The alternative fix (contiguous
+  tokens, block up-sampling) would just duplicate the patch-wise branch at patch length ``n``.
+* Plain per-window normalisation ``(x - mean_t) / sqrt(var_t + 1e-5)`` per channel instead of the
+  reference's RevIN, which builds a new module in every forward and hard-codes the device
+  (MADCluster's variant has no normalisation: ``normalize=False``).
+* ``dropout`` defaults to 0.0, the DCdetector reference's value (MADCluster's variant hard-codes
+  0.1; ``dropout=0.1`` reproduces it). It acts on the embeddings and the attention maps.
+* Memory and speed; the same numbers (tested against the straightforward computation,
+  ``benchmarks/dcdetector_speed.py``):
+
+  - channels are averaged before up-sampling (up-sampling is linear), and the ``[T x T]`` maps are
+    never built: the loss and the score only need row sums of the two block structures, which
+    factor as ``KL(S || N^)_(i,r) = p sum_k S_ik log(S_ik + eps) - (sum_k S_ik)(sum_j log(N^_rj +
+    eps))`` and ``KL(N^ || S)_(i,r) = n sum_j N^_rj log(N^_rj + eps) - (sum_j N^_rj)(sum_k
+    log(S_ik + eps))`` for time ``a = i p + r`` (with ``N^_rj = N_rj / (n sum_j' N_rj')``).
+    :meth:`DCdetector.upsampled_maps` builds the ``[T x T]`` maps on request;
+  - the scores are a bilinear form of the embeddings, ``Q K^T = E (Wq^T Wk) E^T + 1 (E Wk^T bq)^T +
+    (terms constant along the softmax axis, dropped)``, and without embedding dropout (the
+    default, and always at evaluation) the embeddings are ``E = Z G + P`` (``Z`` the ``3f``
+    values under the conv kernel, ``G`` the conv weight, ``P`` the position code). The scores are
+    then computed in the ``3f``-dimensional input space (``f`` the token length) instead of at
+    ``d = 256``, so the per-token ``d x d`` projections (more than 97% of the reference's
+    multiply-adds) disappear. With embedding dropout active the bilinear form still halves them
+    (one ``d x d`` product per token instead of two) for a single head.
+* Kept for the parameter count though no loss uses them (BASELINES.md section 7): the window
+  embedding ``x_ori`` (``window_embedding``, the MADCluster code's attachment point, computed in
+  every forward but never trained by the DCdetector loss), each layer's value and output
+  projections and LayerNorm, the encoder LayerNorm and the final ``Linear(d -> C)``. The value
+  projection of ``x_ori``, which the reference computes and discards, is not computed.
+* The reference's lr halving per epoch and its test-set validation / threshold are protocol, not
+  model; they live outside this module (BASELINES.md section 8).
+
+Trained representation (an attachment point the DCdetector loss does shape): module
+``patch_representation`` outputs, per point, the query-projected patch-wise embeddings averaged
+over channels, up-sampled to ``T`` (each patch repeated ``p`` times), averaged over patch sizes and
+layers, ``[B, T, d_model]``. All of these are linear, so it is computed as ``mean_p up(mean_c E_p)
+@ mean_l(Wq_l)^T + mean_l(bq_l)`` at ``[B, T, d]`` cost.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+KL_EPS = 1e-4  # the reference's smoothing inside the logs
+NORM_EPS = 1e-5  # the reference RevIN's variance floor
+
+
+def sinusoidal_encoding(length: int, d_model: int) -> Tensor:
+    """The Transformer's fixed positional encoding ``[length, d_model]``."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    div = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    pe = torch.zeros(length, d_model)
+    pe[:, 0::2] = torch.sin(position * div)
+    pe[:, 1::2] = torch.cos(position * div)[:, : d_model // 2]
+    return pe
+
+
+def normalize_window(x: Tensor, eps: float = NORM_EPS) -> Tensor:
+    """Per-window, per-channel standardisation ``[B, T, C]`` (RevIN without the affine part)."""
+    mean = x.mean(dim=1, keepdim=True)
+    var = x.var(dim=1, keepdim=True, unbiased=False)
+    return (x - mean) / torch.sqrt(var + eps)
+
+
+def patch_tokens(x: Tensor, p: int) -> Tensor:
+    """Patch-wise tokens: ``[B, T, C] -> [B*C, n, p]``; token ``i`` = times ``i p .. i p + p - 1``."""
+    return rearrange(x, "b (n p) c -> (b c) n p", p=p)
+
+
+def inpatch_tokens(x: Tensor, p: int) -> Tensor:
+    """In-patch tokens: ``[B, T, C] -> [B*C, p, n]``; token ``r`` = times ``r, r + p, r + 2p, ...``."""
+    return rearrange(x, "b (n p) c -> (b c) p n", p=p)
+
+
+def circular_unfold(u: Tensor) -> Tensor:
+    """``[N, m, f] -> [N, m, 3f]``: the values under a circular kernel-3 conv, ``[u_{l-1}, u_l, u_{l+1}]``."""
+    return torch.cat([u.roll(1, dims=1), u, u.roll(-1, dims=1)], dim=-1)
+
+
+class DataEmbedding(nn.Module):
+    """Token embedding: circular Conv1d (``f -> d``, kernel 3, no bias) + fixed position code + dropout.
+
+    Input ``[N, m, f]`` (``m`` tokens of length ``f``), output ``[N, m, d]``. Conv weights are
+    Kaiming-normal (fan_in, leaky_relu) as the reference.
+    """
+
+    def __init__(self, c_in: int, d_model: int, max_len: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(c_in, d_model, kernel_size=3, padding=1, padding_mode="circular", bias=False)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_in", nonlinearity="leaky_relu")
+        self.register_buffer("pe", sinusoidal_encoding(max_len, d_model), persistent=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def undropped(self, u: Tensor) -> Tensor:
+        """Conv + position code, before dropout: ``[N, m, f] -> [N, m, d]``."""
+        return self.conv(u.transpose(1, 2)).transpose(1, 2) + self.pe[: u.shape[1]]
+
+    def forward(self, u: Tensor) -> Tensor:
+        return self.dropout(self.undropped(u))
+
+    def kernel_matrix(self) -> Tensor:
+        """The conv weight as a ``[3f, d]`` matrix acting on :func:`circular_unfold` rows."""
+        w = self.conv.weight  # [d, f, 3]
+        return w.permute(2, 1, 0).reshape(-1, w.shape[0])
+
+
+class DualAttentionLayer(nn.Module):
+    """One layer's query/key projections, shared by the patch-wise and in-patch token sets.
+
+    ``value_projection``, ``out_projection`` and ``norm`` exist in the reference but no loss uses
+    them; they are kept (untrained) so the parameter count matches.
+    """
+
+    def __init__(self, d_model: int, n_heads: int) -> None:
+        super().__init__()
+        self.query_projection = nn.Linear(d_model, d_model)
+        self.key_projection = nn.Linear(d_model, d_model)
+        self.value_projection = nn.Linear(d_model, d_model)
+        self.out_projection = nn.Linear(d_model, d_model)
+        self.norm = nn.LayerNorm(d_model)
+
+
+class PatchRepresentation(nn.Module):
+    """Per-point representation the DCdetector loss trains (an attachment point for a head).
+
+    ``forward(e_bar [B, T, d], wq [L, d, d], bq [L, d]) -> [B, T, d]``: the channel-averaged,
+    up-sampled, patch-size-averaged patch-wise embeddings through the layer-averaged query
+    projection (equal to averaging the per-layer query projections, by linearity).
+    """
+
+    def forward(self, e_bar: Tensor, wq: Tensor, bq: Tensor) -> Tensor:
+        return F.linear(e_bar, wq.mean(0), bq.mean(0))
+
+
+@dataclass
+class DCdetectorOutput:
+    """What :meth:`DCdetector.forward` returns.
+
+    series: per patch size, channel-averaged patch-wise attention ``[B, L, H, n, n]``.
+    prior:  per patch size, channel-averaged in-patch attention ``[B, L, H, p, p]``.
+    (Up-sampled ``[B, L, H, T, T]`` maps: :meth:`DCdetector.upsampled_maps`.)
+    """
+
+    series: list[Tensor]
+    prior: list[Tensor]
+
+
+class DCdetector(nn.Module):
+    """DCdetector with the fixes and the exact fast computation described in the module docstring.
+
+    Args:
+        n_channels:  C, input channels.
+        window:      T, window length; every patch size must divide it.
+        patch_sizes: the multi-scale patch sizes (MADCluster run config: 2, 5, 10).
+        d_model:     embedding width d (256).
+        n_heads:     attention heads H (1); must divide d_model.
+        e_layers:    layers L (3).
+        dropout:     dropout on embeddings and attention maps (0.0; MADCluster's variant 0.1).
+        temperature: score temperature (50).
+        normalize:   per-window standardisation of the input (True; False = MADCluster's variant).
+    """
+
+    def __init__(self, n_channels: int, window: int = 100, patch_sizes: tuple[int, ...] = (2, 5, 10),
+                 d_model: int = 256, n_heads: int = 1, e_layers: int = 3, dropout: float = 0.0,
+                 temperature: float = 50.0, normalize: bool = True) -> None:
+        super().__init__()
+        patch_sizes = tuple(int(p) for p in patch_sizes)
+        if n_channels < 1 or window < 1:
+            raise ValueError(f"n_channels and window must be >= 1; got {n_channels}, {window}")
+        if not patch_sizes or any(p < 1 or window % p for p in patch_sizes):
+            raise ValueError(
+                f"every patch size must be >= 1 and divide the window {window}; got patch_sizes="
+                f"{patch_sizes}. Pass patch_sizes=... made of divisors of {window}")
+        if d_model < 1 or n_heads < 1 or d_model % n_heads:
+            raise ValueError(f"n_heads must divide d_model; got d_model={d_model}, n_heads={n_heads}")
+        if e_layers < 1:
+            raise ValueError(f"e_layers must be >= 1; got {e_layers}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1); got {dropout}")
+        self.n_channels, self.window, self.patch_sizes = n_channels, window, patch_sizes
+        self.d_model, self.n_heads, self.e_layers = d_model, n_heads, e_layers
+        self.dropout_p, self.temperature, self.normalize = float(dropout), float(temperature), normalize
+        self.patch_embeddings = nn.ModuleList(DataEmbedding(p, d_model, window // p, dropout) for p in patch_sizes)
+        self.inpatch_embeddings = nn.ModuleList(DataEmbedding(window // p, d_model, p, dropout) for p in patch_sizes)
+        self.window_embedding = DataEmbedding(n_channels, d_model, window, dropout)  # x_ori
+        self.layers = nn.ModuleList(DualAttentionLayer(d_model, n_heads) for _ in range(e_layers))
+        self.attn_dropout = nn.Dropout(dropout)
+        self.encoder_norm = nn.LayerNorm(d_model)  # unused by any loss (reference parity)
+        self.projection = nn.Linear(d_model, n_channels)  # unused by any loss (reference parity)
+        self.patch_representation = PatchRepresentation()
+
+    # ---- attention ----------------------------------------------------------------------
+    def _bilinear(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Stacked projections: ``A [L*H, d, d]`` with ``Q K^T / sqrt(E) = E A E^T + 1 (E w)^T + c``,
+        ``w [L*H, d]``, and the raw query weights ``[L, d, d]`` and biases ``[L, d]``."""
+        L, H, d = self.e_layers, self.n_heads, self.d_model
+        e = d // H
+        wq = torch.stack([layer.query_projection.weight for layer in self.layers])
+        bq = torch.stack([layer.query_projection.bias for layer in self.layers])
+        wk = torch.stack([layer.key_projection.weight for layer in self.layers])
+        scale = 1.0 / math.sqrt(e)
+        a = torch.einsum("lhed,lhef->lhdf", wq.view(L, H, e, d), wk.view(L, H, e, d)) * scale
+        w = torch.einsum("lhed,lhe->lhd", wk.view(L, H, e, d), bq.view(L, H, e)) * scale
+        return a.reshape(L * H, d, d), w.reshape(L * H, d), wq, bq
+
+    def _scores(self, emb: DataEmbedding, u: Tensor, a: Tensor, w: Tensor,
+                batch: int) -> tuple[Tensor, Tensor]:
+        """Attention logits of tokens ``u [N, m, f]`` (``N = B*C``), laid out ``[N, m, L*H, m]``
+        (query token, layer x head, key token), and the channel mean of the embeddings ``[B, m, d]``."""
+        n_seq, m, f = u.shape
+        k_maps = a.shape[0]
+        embed_dropout = self.training and emb.dropout.p > 0
+        if not embed_dropout and 3 * f < self.d_model:
+            # E = Z G + P: every per-token product in the 3f-dimensional input space (exact).
+            y = 3 * f
+            z = circular_unfold(u)  # [N, m, 3f]
+            g = emb.kernel_matrix()  # [3f, d]
+            pos = emb.pe[:m]  # [m, d]
+            ga = torch.einsum("zd,kdf->kzf", g, a)  # G A per map, [K, 3f, d]
+            pa = torch.einsum("md,kdf->kmf", pos, a)  # P A per map, [K, m, d]
+            zz = (ga @ g.T).transpose(0, 1).reshape(y, k_maps * y)  # G A G^T
+            zp = (ga @ pos.T).transpose(0, 1).reshape(y, k_maps * m)  # G A P^T
+            pz = (pa @ g.T + (g @ w.T).T[:, None, :]).transpose(0, 1).reshape(m * k_maps, y)  # P A G^T + 1 (G w)^T
+            pp = (pa @ pos.T + (pos @ w.T).T[:, None, :]).transpose(0, 1).reshape(m * k_maps, m)  # P A P^T + 1 (P w)^T
+            z2 = z.reshape(n_seq * m, y)
+            r = (z2 @ zz).view(n_seq, m * k_maps, y) + pz  # rows (query token, map)
+            base = (z2 @ zp).view(n_seq, m * k_maps, m).add_(pp)
+            logits = torch.baddbmm(base, r, z.transpose(1, 2))
+            e_mean = z.unflatten(0, (batch, self.n_channels)).mean(1) @ g + pos
+            return logits.view(n_seq, m, k_maps, m), e_mean
+        e = emb(u)  # [N, m, d]
+        if self.n_heads == 1:  # one d x d product per token instead of two (Q and K)
+            fa = torch.einsum("nmd,kdf->nmkf", e, a) + w
+            logits = torch.bmm(fa.view(n_seq, m * k_maps, -1), e.transpose(1, 2)).view(n_seq, m, k_maps, m)
+        else:
+            H, dh = self.n_heads, self.d_model // self.n_heads
+            wq = torch.stack([layer.query_projection.weight for layer in self.layers])
+            bq = torch.stack([layer.query_projection.bias for layer in self.layers])
+            wk = torch.stack([layer.key_projection.weight for layer in self.layers])
+            bk = torch.stack([layer.key_projection.bias for layer in self.layers])
+            q = (torch.einsum("nmd,led->nmle", e, wq) + bq).unflatten(-1, (H, dh))
+            k = (torch.einsum("nmd,led->nmle", e, wk) + bk).unflatten(-1, (H, dh))
+            logits = torch.einsum("nmlhe,nslhe->nmlhs", q, k).flatten(2, 3) / math.sqrt(dh)
+        return logits, e.unflatten(0, (batch, self.n_channels)).mean(1)
+
+    def _channel_mean_maps(self, logits: Tensor, batch: int) -> Tensor:
+        """Softmax (+ attention dropout) per channel, then the channel mean: ``[B, L, H, m, m]``."""
+        maps = self.attn_dropout(torch.softmax(logits, dim=-1))  # [N, m, L*H, m]
+        maps = maps.unflatten(0, (batch, self.n_channels)).mean(1).transpose(1, 2)
+        return maps.unflatten(1, (self.e_layers, self.n_heads))
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor) or x.dim() != 3:
+            raise ValueError(f"DCdetector expects x of shape [B, T, C]; got "
+                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+        if x.shape[1] != self.window or x.shape[2] != self.n_channels:
+            raise ValueError(
+                f"DCdetector was built for windows [B, {self.window}, {self.n_channels}]; got "
+                f"{tuple(x.shape)}. Build it with window={x.shape[1]}, n_channels={x.shape[2]} "
+                f"(the patch sizes must divide the window)")
+
+    def forward(self, x: Tensor) -> DCdetectorOutput:
+        """``x [B, T, C]`` -> channel-averaged attention maps per patch size (see the output class)."""
+        self._check_input(x)
+        batch = x.shape[0]
+        if self.normalize:
+            x = normalize_window(x)
+        self.window_embedding(x)  # x_ori: computed for parity and as an attachment point only
+        a, w, wq, bq = self._bilinear()
+        series, prior, e_bar = [], [], 0.0
+        for i, p in enumerate(self.patch_sizes):
+            logits, e_mean = self._scores(self.patch_embeddings[i], patch_tokens(x, p), a, w, batch)
+            series.append(self._channel_mean_maps(logits, batch))
+            e_bar = e_bar + e_mean.repeat_interleave(p, dim=1)  # patch i covers times i p .. i p + p - 1
+            logits, _ = self._scores(self.inpatch_embeddings[i], inpatch_tokens(x, p), a, w, batch)
+            prior.append(self._channel_mean_maps(logits, batch))
+        self.patch_representation(e_bar / len(self.patch_sizes), wq, bq)
+        return DCdetectorOutput(series, prior)
+
+    # ---- loss and score -----------------------------------------------------------------
+    @staticmethod
+    def _row_stats(s_bar: Tensor, n_bar: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """Row statistics of the two block structures (module docstring): for ``S`` per patch row
+        ``i`` and for ``N^`` per in-patch row ``r``: ``(sum x log(x + eps), sum x, sum log(x + eps))``."""
+        n = s_bar.shape[-1]
+        n_hat = n_bar / (n * n_bar.sum(-1, keepdim=True))
+        log_s, log_n = torch.log(s_bar + KL_EPS), torch.log(n_hat + KL_EPS)
+        s_stats = ((s_bar * log_s).sum(-1), s_bar.sum(-1), log_s.sum(-1))
+        n_stats = ((n_hat * log_n).sum(-1), n_hat.sum(-1), log_n.sum(-1))
+        return s_stats, n_stats
+
+    @staticmethod
+    def _kl_grid(s_stats: tuple[Tensor, ...], n_stats: tuple[Tensor, ...], p: int,
+                 n: int) -> tuple[Tensor, Tensor]:
+        """Row-wise ``KL(S || N^)`` and ``KL(N^ || S)`` on the ``[..., n, p]`` grid (time ``i p + r``)."""
+        s_xlogx, s_sum, s_logsum = (t[..., :, None] for t in s_stats)
+        n_xlogx, n_sum, n_logsum = (t[..., None, :] for t in n_stats)
+        kl_sn = p * s_xlogx - s_sum * n_logsum
+        kl_ns = n * n_xlogx - n_sum * s_logsum
+        return kl_sn, kl_ns
+
+    def discrepancy(self, out: DCdetectorOutput) -> Tensor:
+        """``sum_u [KL(S_u || N^_u) + KL(N^_u || S_u)]_t`` (heads averaged): ``[B, T]``."""
+        total = 0.0
+        for p, s_bar, n_bar in zip(self.patch_sizes, out.series, out.prior):
+            s_stats, n_stats = self._row_stats(s_bar, n_bar)
+            kl_sn, kl_ns = self._kl_grid(s_stats, n_stats, p, self.window // p)
+            total = total + (kl_sn + kl_ns).mean(2).sum(1).flatten(-2)
+        return total
+
+    def loss(self, x: Tensor, out: DCdetectorOutput, epoch: int = 0) -> dict[str, Tensor]:
+        """``{"prior": prior, "series": -series}`` (their sum is the reference's ``prior - series``;
+        both equal in value, so the sum is 0, but the stop-gradients make its gradient useful)."""
+        series_loss, prior_loss = 0.0, 0.0
+        for p, s_bar, n_bar in zip(self.patch_sizes, out.series, out.prior):
+            n = self.window // p
+            s_stats, n_stats = self._row_stats(s_bar, n_bar)
+            s_sg = tuple(t.detach() for t in s_stats)
+            n_sg = tuple(t.detach() for t in n_stats)
+            kl_sn, kl_ns = self._kl_grid(s_stats, n_sg, p, n)  # KL(S || sg N^), KL(sg N^ || S)
+            series_loss = series_loss + (kl_sn + kl_ns).mean()
+            kl_sn, kl_ns = self._kl_grid(s_sg, n_stats, p, n)  # KL(sg S || N^), KL(N^ || sg S)
+            prior_loss = prior_loss + (kl_sn + kl_ns).mean()
+        k = len(self.patch_sizes)
+        return {"prior": prior_loss / k, "series": -series_loss / k}
+
+    def score(self, x: Tensor, out: DCdetectorOutput) -> Tensor:
+        """Per-point score ``softmax_t(-temperature * discrepancy)`` ``[B, T]`` (higher = more anomalous)."""
+        return torch.softmax(-self.temperature * self.discrepancy(out), dim=-1)
+
+    # ---- inspection ---------------------------------------------------------------------
+    def upsampled_maps(self, out: DCdetectorOutput) -> tuple[list[Tensor], list[Tensor]]:
+        """The ``[B, L, H, T, T]`` maps of the reference: ``S`` block-upsampled, ``N`` tiled.
+
+        For inspection and tests only; training and scoring never build them.
+        """
+        series, prior = [], []
+        for p, s_bar, n_bar in zip(self.patch_sizes, out.series, out.prior):
+            n = self.window // p
+            series.append(s_bar.repeat_interleave(p, dim=-1).repeat_interleave(p, dim=-2))
+            prior.append(n_bar.repeat(1, 1, 1, n, n))
+        return series, prior
