@@ -230,13 +230,13 @@ def _mean_val_loss(adapter: Adapter, model: nn.Module, batches: _Batches, epoch:
 
 @torch.no_grad()
 def _score_series(adapter: Adapter, model: nn.Module, series: np.ndarray, profile: Profile,
-                  combine: str, device: str, probe: HiddenProbe | None = None
+                  window: int, combine: str, device: str, probe: HiddenProbe | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Per-window per-point scores ``[n, T]`` and the window starts for ``series``."""
     model.eval()
-    starts = window_starts(len(series), profile.window, profile.test_stride)
+    starts = window_starts(len(series), window, profile.test_stride)
     chunks = []
-    for xb in iter_batches(series, starts, profile.window, profile.batch, device):
+    for xb in iter_batches(series, starts, window, profile.batch, device):
         if probe is not None:
             probe.reset()
         s = adapter.score(model, xb, combine=combine)
@@ -272,24 +272,25 @@ def train_and_evaluate(spec: RunSpec, entity: Entity, cfg: RunConfig,
     profile, device = cfg.profile, cfg.device
     seed_everything(spec.seed)
     adapter = adapters.get(spec.model)
-    fit, val = entity.split(profile.window)
-    fit_starts = thin_starts(window_starts(len(fit), profile.window, profile.train_stride),
+    window = profile.window_for(spec.model)
+    fit, val = entity.split(window)
+    fit_starts = thin_starts(window_starts(len(fit), window, profile.train_stride),
                              profile.max_train_windows)
-    model = adapter.build(entity.n_channels, window=profile.window,
+    model = adapter.build(entity.n_channels, window=window,
                           **profile.build_overrides(spec.model)).to(device)
     if spec.wrapped:
         # example_input lets wrap() find D by one forward where the module alone does not say it
-        example = next(iter_batches(fit, fit_starts[:2], profile.window, 2, device))
+        example = next(iter_batches(fit, fit_starts[:2], window, 2, device))
         model = adapter.wrap(model, example_input=example,
                              **{**profile.head, **cfg.head, **spec.head_overrides()})
     model = model.to(device)
     backbone = backbone_of(model)
     n_params = sum(p.numel() for p in model.parameters())
 
-    val_starts = thin_starts(window_starts(len(val), profile.window, profile.train_stride),
+    val_starts = thin_starts(window_starts(len(val), window, profile.train_stride),
                              profile.max_val_windows)
-    fit_batches = _Batches(fit, fit_starts, profile.window, profile.batch, device)
-    val_batches = _Batches(val, val_starts, profile.window, profile.batch, device)
+    fit_batches = _Batches(fit, fit_starts, window, profile.batch, device)
+    val_batches = _Batches(val, val_starts, window, profile.batch, device)
 
     t0 = time.perf_counter()
     if hasattr(backbone, "on_fit_start"):
@@ -305,7 +306,7 @@ def train_and_evaluate(spec: RunSpec, entity: Entity, cfg: RunConfig,
     for epoch in range(profile.epochs):
         order = torch.randperm(len(fit_starts), generator=gen).numpy()
         step_losses = []
-        for xb in iter_batches(fit, fit_starts, profile.window, profile.batch, device, order):
+        for xb in iter_batches(fit, fit_starts, window, profile.batch, device, order):
             logs = adapter.train_step(model, xb, optimizers, epoch)
             step_losses.append(logs.get("total", sum(logs.values())))
         if hasattr(backbone, "on_epoch_end"):
@@ -337,17 +338,17 @@ def train_and_evaluate(spec: RunSpec, entity: Entity, cfg: RunConfig,
     t1 = time.perf_counter()
     combine = cfg.combine if spec.wrapped else "base"
     if spec.wrapped and combine == "sum":
-        norm_starts = thin_starts(window_starts(len(fit), profile.window, profile.train_stride),
+        norm_starts = thin_starts(window_starts(len(fit), window, profile.train_stride),
                                   profile.max_normalizer_windows)
-        adapter.fit_score_normalizer(model, _Batches(fit, norm_starts, profile.window,
+        adapter.fit_score_normalizer(model, _Batches(fit, norm_starts, window,
                                                      profile.batch, device))
     probe = HiddenProbe(model, adapter)
     try:
-        test_win, test_starts = _score_series(adapter, model, entity.test, profile, combine,
-                                              device, probe)
+        test_win, test_starts = _score_series(adapter, model, entity.test, profile, window,
+                                              combine, device, probe)
     finally:
         probe.close()
-    val_win, val_starts_s = _score_series(adapter, model, val, profile, combine, device)
+    val_win, val_starts_s = _score_series(adapter, model, val, profile, window, combine, device)
     score_seconds = time.perf_counter() - t1
 
     t2 = time.perf_counter()
