@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from adapters.base import Adapter, backbone_of
 from baselines.anomaly_transformer import AnomalyTransformer
+from madcluster_plugin import MADClusterModel
 
 
 def _check_overrides(cls: type, overrides: dict[str, Any], fixed: tuple[str, ...]) -> None:
@@ -46,6 +47,12 @@ class AnomalyTransformerAdapter(Adapter):
         """The official configuration (d_model 512, 8 heads, 3 layers, d_ff 512) unless overridden."""
         _check_overrides(AnomalyTransformer, overrides, ("n_channels", "window"))
         return AnomalyTransformer(n_channels, window=window, **overrides)
+
+    def wrap(self, model: nn.Module, **madcluster_overrides: Any) -> MADClusterModel:
+        """Attach at ``encoder`` with D = d_model (the Encoder is a custom module: D is not inferable)."""
+        if "hidden" not in madcluster_overrides:
+            madcluster_overrides.setdefault("dim", backbone_of(model).d_model)
+        return super().wrap(model, **madcluster_overrides)
 
     def train_step(self, model: nn.Module, x: Tensor, optimizers: dict[str, torch.optim.Optimizer],
                    epoch: int) -> dict[str, float]:

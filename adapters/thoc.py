@@ -46,9 +46,14 @@ class THOCAdapter(Adapter):
         return THOC(n_channels, **overrides)
 
     def wrap(self, model: nn.Module, **madcluster_overrides: Any) -> MADClusterModel:
-        """Attach at the last dilated-RNN layer of ``model`` (whatever its depth) unless told otherwise."""
-        depth = len(backbone_of(model).drnn.layers)
-        madcluster_overrides.setdefault("hidden", f"drnn.layers.{depth - 1}")
+        """Attach at the last dilated-RNN layer of ``model`` (whatever its depth) unless told otherwise.
+
+        D is THOC's RNN width (a custom layer module, so ``wrap()`` cannot infer it from the module).
+        """
+        backbone = backbone_of(model)
+        if "hidden" not in madcluster_overrides:
+            madcluster_overrides["hidden"] = f"drnn.layers.{len(backbone.drnn.layers) - 1}"
+            madcluster_overrides.setdefault("dim", backbone.hidden)
         return super().wrap(model, **madcluster_overrides)
 
     def phase_parameters(self, backbone: nn.Module) -> dict[str, list[nn.Parameter]]:

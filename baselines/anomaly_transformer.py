@@ -198,7 +198,7 @@ class AnomalyTransformer(nn.Module):
                              f"got {n_channels}, {window}, {n_layers}, {d_model}, {d_ff}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0; got {temperature}")
-        self.n_channels, self.window = int(n_channels), int(window)
+        self.n_channels, self.window, self.d_model = int(n_channels), int(window), int(d_model)
         self.k, self.temperature = float(k), float(temperature)
         self.embedding = DataEmbedding(n_channels, d_model, window, dropout)
         self.encoder = Encoder([EncoderLayer(d_model, n_heads, d_ff, window, dropout, activation,
