@@ -221,13 +221,28 @@ def _count_on(model: nn.Module, x: Tensor, run: Runner) -> tuple[int, int, dict[
     return fc.get_total_flops() // 2, hooks.total, _depth1(fc.get_flop_counts()), dict(hooks.by_type)
 
 
+def _count_meta(model: nn.Module | Callable[[], nn.Module], shape: tuple[int, ...], run: Runner,
+                dtype: torch.dtype, scoped: bool) -> tuple[int, int, dict[str, int], dict[str, int]]:
+    """One meta count; ``scoped``: also run the forward under ``torch.device("meta")``."""
+    ctx = torch.device("meta") if scoped else contextlib.nullcontext()
+    if isinstance(model, nn.Module):
+        with ctx:
+            return _count_module_meta(model, shape, run, dtype)
+    with torch.device("meta"):
+        m = model()
+    m.eval()
+    with ctx:
+        return _count_on(m, torch.empty(shape, dtype=dtype, device="meta"), run)
+
+
 def count_macs(model: nn.Module | Callable[[], nn.Module], input_shape: Sequence[int], *,
                run: Runner | None = None, device: str = "meta",
                dtype: torch.dtype = torch.float32) -> MacCount:
     """MACs of one forward of ``model`` on an input of ``input_shape`` (e.g. ``(1, 100, 55)``).
 
     ``model`` is either a module or a zero-argument factory. A factory is built under
-    ``torch.device("meta")`` (no memory, no init cost); a module is run with its parameters and
+    ``torch.device("meta")`` (no memory, no init cost) and run on a meta input, first outside
+    and, if that fails, inside the meta device context; a module is run with its parameters and
     buffers temporarily swapped for meta tensors (put back afterwards), so the module, and any
     forward hooks on it, are left as they were. ``run(model, x)`` performs what is counted
     (default ``model(x)``; e.g. also ``model.head_score()`` for a wrapped model). The model is
@@ -243,17 +258,17 @@ def count_macs(model: nn.Module | Callable[[], nn.Module], input_shape: Sequence
     run = run or _forward
     note = ""
     if device == "meta":
-        try:
-            with torch.device("meta"):
-                if isinstance(model, nn.Module):
-                    res = _count_module_meta(model, shape, run, dtype)
-                else:
-                    m = model()
-                    m.eval()
-                    res = _count_on(m, torch.rand(shape, dtype=dtype), run)
-            return MacCount(res[0], res[1], "meta", "", res[2], res[3])
-        except Exception as err:  # noqa: BLE001 - any failure on meta means: count on the CPU
-            note = f"meta forward failed ({type(err).__name__}: {str(err).splitlines()[0][:160]}); counted on CPU"
+        # First the forward outside any device context (tensors made in forward follow their
+        # inputs, and process-wide caches filled there stay on the CPU); then, for forwards
+        # that create tensors without a device, the whole run under torch.device("meta").
+        errors = []
+        for scoped in (False, True):
+            try:
+                res = _count_meta(model, shape, run, dtype, scoped)
+                return MacCount(res[0], res[1], "meta", "", res[2], res[3])
+            except Exception as err:  # noqa: BLE001 - any failure on meta means: try the next way
+                errors.append(f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}")
+        note = f"meta forward failed ({errors[-1]}); counted on CPU"
     m = model if isinstance(model, nn.Module) else model()
     was_training = m.training
     m.eval()
@@ -276,7 +291,7 @@ def _count_module_meta(model: nn.Module, shape: tuple[int, ...], run: Runner,
     model.eval()
     try:
         with _meta_state(model):
-            return _count_on(model, torch.empty(shape, dtype=dtype), run)
+            return _count_on(model, torch.empty(shape, dtype=dtype, device="meta"), run)
     finally:
         model.train(was_training)
 

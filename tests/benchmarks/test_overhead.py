@@ -3,6 +3,7 @@ delta of every backbone, the timing statistics, the CLI on CPU, and the CUDA pat
 from __future__ import annotations
 
 import csv
+import functools
 import math
 
 import pytest
@@ -119,6 +120,27 @@ def test_meta_failure_falls_back_to_cpu_with_a_note() -> None:
     assert res.device == "cpu"
     assert "meta forward failed" in res.note
     assert res.macs == B * T * C * E
+
+
+@functools.lru_cache(maxsize=4)
+def _time_constant(n: int) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.float32)  # a process-wide cache, assumed to live on the CPU
+
+
+class CachedDetector(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(C, E)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.lin(x)
+        return y + _time_constant(x.shape[-2]).to(y.device)[:, None]
+
+
+def test_meta_count_does_not_leave_meta_tensors_in_caches() -> None:
+    _time_constant.cache_clear()
+    assert count_macs(CachedDetector, (B, T, C)).macs == B * T * C * E
+    assert CachedDetector()(torch.rand(B, T, C)).shape == (B, T, E)  # the cache holds CPU tensors
 
 
 def test_bad_counter_input() -> None:
