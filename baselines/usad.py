@@ -27,7 +27,7 @@ What we changed, and why:
   the gradients of the whole model before each phase.
 
   Consequence, measured on the synthetic generator (seed 1, 8 channels, T = 100, h = 4,
-  lr 3e-3): once AE1 reconstructs well, ``E(W1) ~ E(W)`` and
+  stride-2 windows, batch 32, lr 3e-3): once AE1 reconstructs well, ``E(W1) ~ E(W)`` and
   ``L_AE2 ~ (2/n - 1) MSE(W, AE2(W))``, so from ``n = 3`` on AE2 maximises its own error and
   its sigmoid saturates (train MSE of ``W2`` and ``W3`` about 0.29, against 0.03 for ``W1``);
   the ``W3`` error then carries little information and the default score
