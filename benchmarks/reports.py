@@ -256,7 +256,7 @@ def render_table(command: str, rows: Sequence[dict[str, Any]], config: dict[str,
                  "(`mapping`), Clustering = `cluster`, MADCluster = `both`.\n")
     else:
         raise ValueError(f"unknown command {command!r}")
-    return "\n".join(head) + body
+    return "\n".join(head) + "\n" + body
 
 
 def write_table(out: str | os.PathLike, command: str, config: dict[str, Any] | None = None,

@@ -21,6 +21,7 @@ from benchmarks.__main__ import main
 from benchmarks.profiles import Profile
 from benchmarks.reports import load_rows, write_plots, write_table
 from benchmarks.runner import COLUMNS, ResultStore, RunConfig, RunSpec, run_grid
+from benchmarks.windows import window_labels
 
 from . import dummy_adapter
 
@@ -183,3 +184,29 @@ def test_real_adapter_deepsvdd(tmp_path: Path) -> None:
     run_grid(specs, cfg, store)
     rows = load_rows(tmp_path / "rows.csv")
     assert len(rows) == 2 and all(np.isfinite(r["vus_pr"]) and r["hidden_std"] > 0 for r in rows)
+
+
+def test_paper_protocol_rows(tmp_path: Path) -> None:
+    cfg = RunConfig(TINY.with_overrides(epochs=1), protocol="paper")
+    store = ResultStore(tmp_path, {"command": "compare", **cfg.to_dict()})
+    run_grid([RunSpec("synthetic", "syn-0", "dummy", "base", 0)], cfg, store)
+    (row,) = load_rows(tmp_path / "rows.csv")
+    entity = runner.load_entity("synthetic", "syn-0")
+    starts = runner.window_starts(len(entity.test), TINY.window, TINY.test_stride)
+    wl = window_labels(entity.test_labels, starts, TINY.window)
+    assert row["protocol"] == "paper"
+    assert row["f1_floor"] == pytest.approx(2 * wl.sum() / (len(wl) + wl.sum()), abs=1e-6)
+
+
+def test_overhead_subcommand_is_dispatched(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    import benchmarks
+
+    seen: list[list[str]] = []
+    fake = types.ModuleType("benchmarks.overhead")
+    fake.main = lambda argv: seen.append(list(argv)) or 7
+    monkeypatch.setitem(sys.modules, "benchmarks.overhead", fake)
+    monkeypatch.setattr(benchmarks, "overhead", fake, raising=False)
+    assert main(["overhead", "--models", "deepsvdd"]) == 7
+    assert seen == [["--models", "deepsvdd"]]
