@@ -78,7 +78,7 @@ CSV_COLUMNS = [
     "infer_ratio_iqr", "head_train_ms", "head_infer_ms", "head_train_pct",
     "peak_mem_plain_mb", "peak_mem_wrapped_mb", "peak_mem_method",
     "paper_macs", "paper_params", "paper_macs_wrapped", "paper_params_wrapped",
-    "repeats", "clock", "device", "note",
+    "repeats", "infer_repeats", "clock", "device", "note",
 ]
 
 
@@ -176,6 +176,7 @@ class Timing:
     wrapped_iqr: float
     ratio: float
     ratio_iqr: float
+    n: int  # number of pairs
 
 
 def summarize(plain: Sequence[float], wrapped: Sequence[float]) -> Timing:
@@ -196,7 +197,7 @@ def summarize(plain: Sequence[float], wrapped: Sequence[float]) -> Timing:
 
     ratios = [w / p for p, w in zip(plain, wrapped)]
     return Timing(statistics.median(plain), iqr(plain), statistics.median(wrapped), iqr(wrapped),
-                  statistics.median(ratios), iqr(ratios))
+                  statistics.median(ratios), iqr(ratios), len(ratios))
 
 
 def _prepare(name: str, model: nn.Module, x: Tensor) -> dict[str, torch.optim.Optimizer]:
@@ -211,9 +212,12 @@ def _prepare(name: str, model: nn.Module, x: Tensor) -> dict[str, torch.optim.Op
 
 
 def time_pair(name: str, plain: nn.Module, wrapped: nn.Module, x: Tensor, *, repeats: int,
-              warmup: int, device: torch.device, clock: str = "wall") -> tuple[Timing, Timing]:
+              warmup: int, device: torch.device, clock: str = "wall", min_time: float = 0.0,
+              max_repeats: int = 200) -> tuple[Timing, Timing]:
     """(training step, inference) timings of ``plain`` vs ``wrapped`` on the batch ``x``.
 
+    At least ``repeats`` pairs; more, up to ``max_repeats``, while less than ``min_time`` seconds
+    have passed in the phase (cheap models get many pairs, expensive ones the minimum).
     Repeats alternate the order (plain first on even repeats, wrapped first on odd ones).
     Inference is ``adapter.score`` in eval mode: the forward, the backbone's own score and, when
     wrapped, the head's score combined by ``"sum"`` (the library default).
@@ -238,11 +242,13 @@ def time_pair(name: str, plain: nn.Module, wrapped: nn.Module, x: Tensor, *, rep
             for k in models:
                 make(k)()
         times: dict[str, list[float]] = {"plain": [], "wrapped": []}
-        for r in range(repeats):
+        r, t0 = 0, time.perf_counter()
+        while r < repeats or (time.perf_counter() - t0 < min_time and r < max_repeats):
             for k in (("plain", "wrapped") if r % 2 == 0 else ("wrapped", "plain")):
                 if mode == "eval":
                     models[k].eval()
                 times[k].append(timer(make(k)))
+            r += 1
         results.append(summarize(times["plain"], times["wrapped"]))
     return results[0], results[1]
 
@@ -388,7 +394,7 @@ def cuda_peak_memory(name: str, variant: str, channels: int, window: int, batch:
 # ---------------------------------------------------------------------------------------------
 def measure_model(name: str, *, channels: int, window: int, batches: Sequence[int], n_clusters: int,
                   device: torch.device, repeats: int, warmup: int, memory: bool,
-                  clock: str = "wall", seed: int = 0) -> list[dict[str, Any]]:
+                  clock: str = "wall", min_time: float = 0.0, seed: int = 0) -> list[dict[str, Any]]:
     """All measurements of one backbone: one row per batch size."""
     adapter = adapters.get(name)
     notes: list[str] = []
@@ -419,7 +425,7 @@ def measure_model(name: str, *, channels: int, window: int, batches: Sequence[in
         x = torch.rand(batch, window, channels, generator=gen).to(device)
         t0 = time.perf_counter()
         train, infer = time_pair(name, plain, wrapped, x, repeats=repeats, warmup=warmup, device=device,
-                                 clock=clock)
+                                 clock=clock, min_time=min_time)
         head_train_ms, head_infer_ms = time_head(
             wrapped.head, batch, head_steps, repeats=max(repeats, 5), warmup=max(warmup, 1),
             device=device, clock=clock, seed=seed)
@@ -466,7 +472,7 @@ def measure_model(name: str, *, channels: int, window: int, batches: Sequence[in
             "paper_params": parse_paper(paper[1]) if paper else float("nan"),
             "paper_macs_wrapped": parse_paper(paper[2]) if paper else float("nan"),
             "paper_params_wrapped": parse_paper(paper[3]) if paper else float("nan"),
-            "repeats": repeats, "clock": "cuda events" if device.type == "cuda" else clock,
+            "repeats": train.n, "infer_repeats": infer.n, "clock": "cuda events" if device.type == "cuda" else clock,
             "device": _device_label(device), "note": "; ".join(notes),
         })
     del plain, wrapped
@@ -528,7 +534,8 @@ def to_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     out.append(f"Command: `{meta['command']}`  ")
     out.append(f"Device: {meta['device']}; torch {meta['torch']}; Python {meta['python']}; "
                f"window {meta['window']}, channels {meta['channels']}, K = {meta['K']}; "
-               f"{meta['repeats']} timed repeats after {meta['warmup']} warm-up ({meta['clock']}); "
+               f"timing: {meta['warmup']} warm-up, then at least {meta['repeats']} plain/wrapped pairs and more "
+               f"until {meta['min_time']:g} s per phase (at most 200), {meta['clock']}; "
                f"load average (1 min) at start -> end {meta['load']}; wall time {meta['wall_s']:.0f} s.")
     out += ["", "## Parameters", "",
             "| model | D | params plain | params +head | delta | K*D+1 | paper plain | paper +head |",
@@ -565,10 +572,11 @@ def to_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
             "`adapter.score` in eval mode (plain: base score; wrapped: `combine=\"sum\"`). Head alone: "
             "the head's loss forward + backward on a hidden state of the same shape, timed in "
             "isolation (median ms, % of the plain training step).", "",
-            "| model | batch | train plain | train +head | train ratio | <= 1.05 | head alone | infer plain | infer +head | infer ratio | peak MB plain | peak MB +head |",
-            "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+            "| model | batch | pairs | train plain | train +head | train ratio | <= 1.05 | head alone | infer plain | infer +head | infer ratio | peak MB plain | peak MB +head |",
+            "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        out.append(f"| {r['model']} | {r['batch']} | {_ms(r['train_ms_plain'], r['train_iqr_plain'])} | "
+        out.append(f"| {r['model']} | {r['batch']} | {r['repeats']}/{r['infer_repeats']} | "
+                   f"{_ms(r['train_ms_plain'], r['train_iqr_plain'])} | "
                    f"{_ms(r['train_ms_wrapped'], r['train_iqr_wrapped'])} | {r['train_ratio']:.3f} | "
                    f"{'yes' if r['train_target_ok'] else '**no**'} | "
                    f"{r['head_train_ms']:.2f} ({r['head_train_pct']:.2f}%) | "
@@ -653,9 +661,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--out", type=Path, default=Path("results/overhead"), help="output folder")
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed repeats per variant (default: 5 on a CPU, 30 on a GPU)")
+                   help="minimum timed repeats per variant (default: 5 on a CPU, 30 on a GPU)")
+    p.add_argument("--min-time", type=float, default=None,
+                   help="keep repeating (up to 200 pairs) until this many seconds per model and "
+                        "phase have passed (default: 10 on a CPU, 2 on a GPU)")
     p.add_argument("--warmup", type=int, default=None,
-                   help="untimed warm-up repeats per variant (default: 1 on a CPU, 5 on a GPU)")
+                   help="untimed warm-up repeats per variant (default: 2 on a CPU, 5 on a GPU)")
     p.add_argument("--clock", choices=CLOCKS, default="wall",
                    help="CPU timing clock: wall (default) or process (CPU time; with --threads 1 on "
                         "a shared machine). CUDA always uses CUDA events")
@@ -672,6 +683,8 @@ def _validate(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name} must be >= 1; got {getattr(args, name)}")
     if any(b < 1 for b in args.batch):
         raise ValueError(f"--batch sizes must be >= 1; got {args.batch}")
+    if args.min_time is not None and args.min_time < 0:
+        raise ValueError(f"--min-time must be >= 0; got {args.min_time}")
     for name in ("repeats", "warmup"):
         v = getattr(args, name)
         if v is not None and v < (1 if name == "repeats" else 0):
@@ -702,7 +715,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     cuda = device.type == "cuda"
     repeats = args.repeats if args.repeats is not None else (30 if cuda else 5)
-    warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
+    min_time = args.min_time if args.min_time is not None else (2.0 if cuda else 10.0)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     t_start = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -711,12 +725,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows += measure_model(name, channels=args.channels, window=args.window, batches=args.batch,
                               n_clusters=args.clusters, device=device, repeats=repeats,
                               warmup=warmup, memory=not args.skip_memory, clock=args.clock,
-                              seed=args.seed)
+                              min_time=min_time, seed=args.seed)
     argv_list = list(sys.argv[1:] if argv is None else argv)
     meta = {"command": "python -m benchmarks overhead " + " ".join(argv_list),
             "device": _device_label(device), "torch": torch.__version__,
             "python": platform.python_version(), "window": args.window, "channels": args.channels,
-            "K": args.clusters, "repeats": repeats, "warmup": warmup,
+            "K": args.clusters, "repeats": repeats, "min_time": min_time, "warmup": warmup,
             "clock": "CUDA events" if cuda else f"{args.clock} clock",
             "load": f"{load:.2f} -> {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a",
             "wall_s": time.perf_counter() - t_start}

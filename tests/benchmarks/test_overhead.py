@@ -213,7 +213,7 @@ def test_paper_numbers_parse() -> None:
 def _run_cli(tmp_path, device: str, extra: list[str]) -> list[dict[str, str]]:
     out = tmp_path / device
     rc = overhead.main(["--models", "deepsvdd", "--channels", "4", "--window", "16", "--batch", "3",
-                        "--repeats", "2", "--warmup", "1", "--device", device, "--out", str(out),
+                        "--repeats", "2", "--warmup", "1", "--min-time", "0", "--device", device, "--out", str(out),
                         *extra])
     assert rc == 0
     assert sorted(p.name for p in out.iterdir()) == ["overhead.csv", "overhead.md"]  # no temp files
