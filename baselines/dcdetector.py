@@ -91,6 +91,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 KL_EPS = 1e-4  # the reference's smoothing inside the logs
+INPATCH_LAYOUTS = ("strided", "contiguous")
 NORM_EPS = 1e-5  # the reference RevIN's variance floor
 
 
@@ -116,9 +117,17 @@ def patch_tokens(x: Tensor, p: int) -> Tensor:
     return rearrange(x, "b (n p) c -> (b c) n p", p=p)
 
 
-def inpatch_tokens(x: Tensor, p: int) -> Tensor:
-    """In-patch tokens: ``[B, T, C] -> [B*C, p, n]``; token ``r`` = times ``r, r + p, r + 2p, ...``."""
-    return rearrange(x, "b (n p) c -> (b c) p n", p=p)
+def inpatch_tokens(x: Tensor, p: int, layout: str = "strided") -> Tensor:
+    """In-patch tokens ``[B, T, C] -> [B*C, p, n]``.
+
+    ``"strided"``: token ``r`` = times ``r, r + p, r + 2p, ...`` (in-patch position ``r`` of every
+    patch); ``"contiguous"``: token ``r`` = times ``r n .. r n + n - 1`` (the reference's layout).
+    """
+    if layout == "strided":
+        return rearrange(x, "b (n p) c -> (b c) p n", p=p)
+    if layout == "contiguous":
+        return rearrange(x, "b (p n) c -> (b c) p n", p=p)
+    raise ValueError(f"in-patch layout {layout!r}; expected 'strided' or 'contiguous'")
 
 
 def circular_unfold(u: Tensor) -> Tensor:
@@ -207,11 +216,14 @@ class DCdetector(nn.Module):
         dropout:     dropout on embeddings and attention maps (0.0; MADCluster's variant 0.1).
         temperature: score temperature (50).
         normalize:   per-window standardisation of the input (True; False = MADCluster's variant).
+        inpatch:     in-patch token layout, both with a consistent up-sampling (module docstring):
+                     "strided" (the paper's in-patch positions, tiled) or "contiguous" (the
+                     reference's tokens, block up-sampled).
     """
 
     def __init__(self, n_channels: int, window: int = 100, patch_sizes: tuple[int, ...] = (2, 5, 10),
                  d_model: int = 256, n_heads: int = 1, e_layers: int = 3, dropout: float = 0.0,
-                 temperature: float = 50.0, normalize: bool = True) -> None:
+                 temperature: float = 50.0, normalize: bool = True, inpatch: str = "strided") -> None:
         super().__init__()
         patch_sizes = tuple(int(p) for p in patch_sizes)
         if n_channels < 1 or window < 1:
@@ -224,11 +236,18 @@ class DCdetector(nn.Module):
             raise ValueError(f"n_heads must divide d_model; got d_model={d_model}, n_heads={n_heads}")
         if e_layers < 1:
             raise ValueError(f"e_layers must be >= 1; got {e_layers}")
+        if inpatch not in INPATCH_LAYOUTS:
+            raise ValueError(f"inpatch={inpatch!r}; expected one of {INPATCH_LAYOUTS}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {dropout}")
         self.n_channels, self.window, self.patch_sizes = n_channels, window, patch_sizes
         self.d_model, self.n_heads, self.e_layers = d_model, n_heads, e_layers
         self.dropout_p, self.temperature, self.normalize = float(dropout), float(temperature), normalize
+        self.inpatch = inpatch
+        for p in patch_sizes:  # time a -> flat index of (patch a // p, in-patch token) on an [n, p] grid
+            t = torch.arange(window)
+            token = t % p if inpatch == "strided" else t // (window // p)
+            self.register_buffer(f"grid_index_{p}", (t // p) * p + token, persistent=False)
         self.patch_embeddings = nn.ModuleList(DataEmbedding(p, d_model, window // p, dropout) for p in patch_sizes)
         self.inpatch_embeddings = nn.ModuleList(DataEmbedding(window // p, d_model, p, dropout) for p in patch_sizes)
         self.window_embedding = DataEmbedding(n_channels, d_model, window, dropout)  # x_ori
@@ -321,40 +340,41 @@ class DCdetector(nn.Module):
             logits, e_mean = self._scores(self.patch_embeddings[i], patch_tokens(x, p), a, w, batch)
             series.append(self._channel_mean_maps(logits, batch))
             e_bar = e_bar + e_mean.repeat_interleave(p, dim=1)  # patch i covers times i p .. i p + p - 1
-            logits, _ = self._scores(self.inpatch_embeddings[i], inpatch_tokens(x, p), a, w, batch)
+            logits, _ = self._scores(self.inpatch_embeddings[i], inpatch_tokens(x, p, self.inpatch), a, w, batch)
             prior.append(self._channel_mean_maps(logits, batch))
         self.patch_representation(e_bar / len(self.patch_sizes), wq, bq)
         return DCdetectorOutput(series, prior)
 
     # ---- loss and score -----------------------------------------------------------------
-    @staticmethod
-    def _row_stats(s_bar: Tensor, n_bar: Tensor) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-        """Row statistics of the two block structures (module docstring): for ``S`` per patch row
-        ``i`` and for ``N^`` per in-patch row ``r``: ``(sum x log(x + eps), sum x, sum log(x + eps))``."""
-        n = s_bar.shape[-1]
-        n_hat = n_bar / (n * n_bar.sum(-1, keepdim=True))
-        log_s, log_n = torch.log(s_bar + KL_EPS), torch.log(n_hat + KL_EPS)
-        s_stats = ((s_bar * log_s).sum(-1), s_bar.sum(-1), log_s.sum(-1))
-        n_stats = ((n_hat * log_n).sum(-1), n_hat.sum(-1), log_n.sum(-1))
-        return s_stats, n_stats
+    def _expand_prior_keys(self, t: Tensor, p: int) -> Tensor:
+        """``[..., p, p] -> [..., p, T]``: an in-patch map's key axis up-sampled to the window."""
+        n = self.window // p
+        return t.repeat(*([1] * (t.dim() - 1)), n) if self.inpatch == "strided" else t.repeat_interleave(n, dim=-1)
 
-    @staticmethod
-    def _kl_grid(s_stats: tuple[Tensor, ...], n_stats: tuple[Tensor, ...], p: int,
-                 n: int) -> tuple[Tensor, Tensor]:
-        """Row-wise ``KL(S || N^)`` and ``KL(N^ || S)`` on the ``[..., n, p]`` grid (time ``i p + r``)."""
-        s_xlogx, s_sum, s_logsum = (t[..., :, None] for t in s_stats)
-        n_xlogx, n_sum, n_logsum = (t[..., None, :] for t in n_stats)
-        kl_sn = p * s_xlogx - s_sum * n_logsum
-        kl_ns = n * n_xlogx - n_sum * s_logsum
-        return kl_sn, kl_ns
+    def _row_kl(self, s_bar: Tensor, n_bar: Tensor, p: int) -> tuple[Tensor, Tensor]:
+        """Row-wise ``KL(S || N^)`` and ``KL(N^ || S)`` of the up-sampled maps, ``[B, L, H, T]`` each,
+        without building them: for query time ``a`` in patch ``i`` and in-patch token ``r``, both are
+        a within-row term (``p sum_k S_ik log(S_ik + eps)``, ``n sum_j N^_rj log(N^_rj + eps)``) minus a
+        cross term ``sum_b S_up[a, b] log(N^_up[a, b] + eps)`` (and vice versa), a ``[n, T] x [T, p]``
+        product of the maps expanded along the key axis only."""
+        n = self.window // p
+        n_hat = n_bar / (n * n_bar.sum(-1, keepdim=True))  # the up-sampled rows sum to 1
+        log_s, log_n = torch.log(s_bar + KL_EPS), torch.log(n_hat + KL_EPS)
+        s_self = p * (s_bar * log_s).sum(-1)  # [..., n]
+        n_self = n * (n_hat * log_n).sum(-1)  # [..., p]
+        cross_sn = s_bar.repeat_interleave(p, dim=-1) @ self._expand_prior_keys(log_n, p).transpose(-1, -2)
+        cross_ns = self._expand_prior_keys(n_hat, p) @ log_s.repeat_interleave(p, dim=-1).transpose(-1, -2)
+        kl_sn = s_self[..., :, None] - cross_sn  # [..., n (patch i), p (token r)]
+        kl_ns = n_self[..., None, :] - cross_ns.transpose(-1, -2)
+        index = getattr(self, f"grid_index_{p}")  # time a -> flat (i, r)
+        return kl_sn.flatten(-2)[..., index], kl_ns.flatten(-2)[..., index]
 
     def discrepancy(self, out: DCdetectorOutput) -> Tensor:
         """``sum_u [KL(S_u || N^_u) + KL(N^_u || S_u)]_t`` (heads averaged): ``[B, T]``."""
         total = 0.0
         for p, s_bar, n_bar in zip(self.patch_sizes, out.series, out.prior):
-            s_stats, n_stats = self._row_stats(s_bar, n_bar)
-            kl_sn, kl_ns = self._kl_grid(s_stats, n_stats, p, self.window // p)
-            total = total + (kl_sn + kl_ns).mean(2).sum(1).flatten(-2)
+            kl_sn, kl_ns = self._row_kl(s_bar, n_bar, p)
+            total = total + (kl_sn + kl_ns).mean(2).sum(1)
         return total
 
     def loss(self, x: Tensor, out: DCdetectorOutput, epoch: int = 0) -> dict[str, Tensor]:
@@ -362,13 +382,9 @@ class DCdetector(nn.Module):
         both equal in value, so the sum is 0, but the stop-gradients make its gradient useful)."""
         series_loss, prior_loss = 0.0, 0.0
         for p, s_bar, n_bar in zip(self.patch_sizes, out.series, out.prior):
-            n = self.window // p
-            s_stats, n_stats = self._row_stats(s_bar, n_bar)
-            s_sg = tuple(t.detach() for t in s_stats)
-            n_sg = tuple(t.detach() for t in n_stats)
-            kl_sn, kl_ns = self._kl_grid(s_stats, n_sg, p, n)  # KL(S || sg N^), KL(sg N^ || S)
+            kl_sn, kl_ns = self._row_kl(s_bar, n_bar.detach(), p)  # KL(S || sg N^), KL(sg N^ || S)
             series_loss = series_loss + (kl_sn + kl_ns).mean()
-            kl_sn, kl_ns = self._kl_grid(s_sg, n_stats, p, n)  # KL(sg S || N^), KL(N^ || sg S)
+            kl_sn, kl_ns = self._row_kl(s_bar.detach(), n_bar, p)  # KL(sg S || N^), KL(N^ || sg S)
             prior_loss = prior_loss + (kl_sn + kl_ns).mean()
         k = len(self.patch_sizes)
         return {"prior": prior_loss / k, "series": -series_loss / k}
@@ -387,5 +403,8 @@ class DCdetector(nn.Module):
         for p, s_bar, n_bar in zip(self.patch_sizes, out.series, out.prior):
             n = self.window // p
             series.append(s_bar.repeat_interleave(p, dim=-1).repeat_interleave(p, dim=-2))
-            prior.append(n_bar.repeat(1, 1, 1, n, n))
+            if self.inpatch == "strided":  # time a has in-patch token a mod p: tile
+                prior.append(n_bar.repeat(1, 1, 1, n, n))
+            else:  # time a has in-patch token a // n: blocks
+                prior.append(n_bar.repeat_interleave(n, dim=-1).repeat_interleave(n, dim=-2))
         return series, prior

@@ -36,7 +36,7 @@ import time
 from typing import Any
 
 import torch
-from einops import rearrange, reduce, repeat
+from einops import reduce, repeat
 from torch import Tensor
 
 from baselines.dcdetector import KL_EPS, DCdetector, inpatch_tokens, normalize_window, patch_tokens
@@ -46,16 +46,18 @@ N_CHANNELS, BATCH = 55, 32
 
 
 # ---- the straightforward computation (released order) -------------------------------------
-def reference_maps(model: DCdetector, x: Tensor, inpatch: str = "strided",
+def reference_maps(model: DCdetector, x: Tensor, inpatch: str | None = None,
                    compute_values: bool = True) -> tuple[list[Tensor], list[Tensor], Tensor]:
     """Dense maps in the released order: lists (patch-size major, layer minor) of ``[B, H, T, T]``.
 
-    ``inpatch="strided"`` builds in-patch tokens as our fixed model does; ``"contiguous"`` as the
-    released code (``'(p n) -> p n'``), whose tiled up-sampling then misplaces the weights.
-    Returns ``(series, prior, x_ori)``.
+    ``inpatch``: ``"strided"`` (strided tokens, tiled maps) or ``"contiguous"`` (contiguous tokens,
+    block maps), the two consistent layouts of our model (default: the model's own); or
+    ``"released"``: the released code's contiguous tokens with tiled maps, which puts the in-patch
+    weights on the wrong time pairs. Returns ``(series, prior, x_ori)``.
     """
-    if inpatch not in ("strided", "contiguous"):
-        raise ValueError(f"inpatch={inpatch!r}; expected 'strided' or 'contiguous'")
+    inpatch = inpatch or model.inpatch
+    if inpatch not in ("strided", "contiguous", "released"):
+        raise ValueError(f"inpatch={inpatch!r}; expected 'strided', 'contiguous' or 'released'")
     batch, window, channels = x.shape
     heads, dh = model.n_heads, model.d_model // model.n_heads
     if model.normalize:
@@ -65,8 +67,7 @@ def reference_maps(model: DCdetector, x: Tensor, inpatch: str = "strided",
     for i, p in enumerate(model.patch_sizes):
         n = window // p
         e_patch = model.patch_embeddings[i](patch_tokens(x, p))
-        u_in = (inpatch_tokens(x, p) if inpatch == "strided"
-                else rearrange(x, "b (p n) c -> (b c) p n", p=p))
+        u_in = inpatch_tokens(x, p, "strided" if inpatch == "strided" else "contiguous")
         e_in = model.inpatch_embeddings[i](u_in)
         for layer in model.layers:
             maps = []
@@ -78,7 +79,8 @@ def reference_maps(model: DCdetector, x: Tensor, inpatch: str = "strided",
             if compute_values:  # the released code projects x_ori here and never uses it
                 layer.value_projection(x_ori)
             s_up = repeat(maps[0], "b h l s -> b h (l r1) (s r2)", r1=p, r2=p)  # per channel [T x T]
-            n_up = maps[1].repeat(1, 1, n, n)
+            n_up = (repeat(maps[1], "b h l s -> b h (l r1) (s r2)", r1=n, r2=n) if inpatch == "contiguous"
+                    else maps[1].repeat(1, 1, n, n))
             series.append(reduce(s_up, "(b c) h l s -> b h l s", "mean", c=channels))
             prior.append(reduce(n_up, "(b c) h l s -> b h l s", "mean", c=channels))
     return series, prior, x_ori
