@@ -67,7 +67,12 @@ class ATOutput(NamedTuple):
 
 def row_kl(p: Tensor, q: Tensor) -> Tensor:
     """The reference's smoothed KL(p || q) per row, averaged over heads: ``[B, H, T, T] -> [B, T]``."""
-    return (p * (torch.log(p + KL_EPS) - torch.log(q + KL_EPS))).sum(-1).mean(1)
+    return _kl_from_logs(p, torch.log(p + KL_EPS), torch.log(q + KL_EPS))
+
+
+def _kl_from_logs(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``row_kl`` from precomputed smoothed logs (each log is taken once per layer, not per term)."""
+    return (p * (log_p - log_q)).sum(-1).mean(1)
 
 
 def sinusoidal_encoding(length: int, d_model: int) -> Tensor:
@@ -224,9 +229,12 @@ class AnomalyTransformer(nn.Module):
         """
         to_series = to_prior = out.recon.new_zeros(())
         for s, p in zip(out.series, out.prior):
-            ps, ss = p.detach(), s.detach()
-            to_series = to_series + row_kl(s, ps).mean() + row_kl(ps, s).mean()
-            to_prior = to_prior + row_kl(p, ss).mean() + row_kl(ss, p).mean()
+            log_s, log_p = torch.log(s + KL_EPS), torch.log(p + KL_EPS)
+            s_sg, p_sg, log_s_sg, log_p_sg = s.detach(), p.detach(), log_s.detach(), log_p.detach()
+            to_series = (to_series + _kl_from_logs(s, log_s, log_p_sg).mean()
+                         + _kl_from_logs(p_sg, log_p_sg, log_s).mean())
+            to_prior = (to_prior + _kl_from_logs(p, log_p, log_s_sg).mean()
+                        + _kl_from_logs(s_sg, log_s_sg, log_p).mean())
         n = len(out.series)
         return to_series / n, to_prior / n
 
@@ -243,7 +251,8 @@ class AnomalyTransformer(nn.Module):
         """Per-point ``temperature * sum_l [KL(S_l || P_l) + KL(P_l || S_l)]`` ``[B, T]``."""
         total = torch.zeros_like(out.recon[..., 0])
         for s, p in zip(out.series, out.prior):
-            total = total + row_kl(s, p) + row_kl(p, s)
+            log_s, log_p = torch.log(s + KL_EPS), torch.log(p + KL_EPS)
+            total = total + _kl_from_logs(s, log_s, log_p) + _kl_from_logs(p, log_p, log_s)
         return self.temperature * total
 
     def score(self, x: Tensor, out: ATOutput) -> Tensor:

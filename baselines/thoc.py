@@ -129,7 +129,8 @@ class THOC(nn.Module):
         tau, tau_decay, tau_every, tau_min: temperature of the assignment softmax and its schedule.
         lambda_orth, lambda_tss: weights of the orthogonality and self-supervised TSS losses.
         init_batches: how many training batches k-means sees in :meth:`on_fit_start`.
-        kmeans_max_points: at most this many feature vectors per layer go into k-means.
+        kmeans_max_points: at most this many feature vectors per layer go into k-means (an equal
+            share drawn at random from each batch).
         seed: seeds the k-means subsample and k-means itself.
     """
 
@@ -252,11 +253,15 @@ class THOC(nn.Module):
         was_training = self.training
         self.eval()
         gen = torch.Generator().manual_seed(self.seed)
+        per_batch = -(-self.kmeans_max_points // len(xs))  # subsample batch by batch: bounded memory
         for l, k in enumerate(self.n_clusters):
-            feats = torch.cat([self.forward(xb.to(device)).fused[l].reshape(-1, self.hidden).cpu()
-                               for xb in xs])
-            if len(feats) > self.kmeans_max_points:
-                feats = feats[torch.randperm(len(feats), generator=gen)[: self.kmeans_max_points]]
+            parts = []
+            for xb in xs:
+                f = self.forward(xb.to(device)).fused[l].reshape(-1, self.hidden).cpu()
+                if len(f) > per_batch:
+                    f = f[torch.randperm(len(f), generator=gen)[:per_batch]]
+                parts.append(f)
+            feats = torch.cat(parts)
             if len(feats) < k:
                 raise ValueError(f"k-means of layer {l} needs at least {k} feature vectors; got {len(feats)}")
             km = KMeans(n_clusters=k, n_init=3, random_state=self.seed + l).fit(feats.double().numpy())
