@@ -305,6 +305,7 @@ def train_and_evaluate(spec: RunSpec, entity: Entity, cfg: RunConfig,
     epochs_run = 0
     for epoch in range(profile.epochs):
         order = torch.randperm(len(fit_starts), generator=gen).numpy()
+        model.train()  # validation left it in eval mode
         step_losses = []
         for xb in iter_batches(fit, fit_starts, window, profile.batch, device, order):
             logs = adapter.train_step(model, xb, optimizers, epoch)
