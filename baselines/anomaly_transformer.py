@@ -33,7 +33,9 @@ What we changed (and why):
 
 Score per point (the reference's ``test``): ``AssDis_t = temperature * sum_l [KL(S_l || P_l) +
 KL(P_l || S_l)]_t`` (row-wise KL averaged over heads), then ``softmax_t(-AssDis) * mean_c (x - x_hat)^2``
-over the T positions of each window.
+over the T positions of each window. With the reference temperature the softmax is nearly one-hot
+within a window (the discrepancy varies by hundreds after scaling), so the score is relative within a
+window and concentrates on one point of it; ``temperature`` is a constructor argument.
 
 Attachment point for a MADCluster head: ``encoder`` (select 0 of its tuple output), the encoder
 output after the final LayerNorm and before the projection, ``[B, T, d_model]``.

@@ -38,7 +38,8 @@ def test_official_config_shapes_and_parameter_count(n_channels: int, n_params: i
     assert score.shape == (4, 100) and torch.isfinite(score).all() and (score >= 0).all()
     # parameter formula of BASELINES.md section 10 (three LayerNorms per layer, one unused)
     d, h, ff, L, C = 512, 8, 512, 3, n_channels
-    assert n_params == 3 * d * C + L * (4 * (d * d + d) + d * h + h + 2 * d * ff + ff + d + 6 * d) + 2 * d + d * C + C
+    per_layer = 4 * (d * d + d) + d * h + h + 2 * d * ff + ff + d + 6 * d
+    assert n_params == 3 * d * C + L * per_layer + 2 * d + d * C + C
 
 
 def test_wrapping_adds_d_plus_one_and_captures_final_layernorm_output() -> None:

@@ -1,4 +1,4 @@
-"""THOC baseline and adapter: reference size, dilated RNN, clustering, losses, k-means, annealing, training."""
+"""THOC baseline and adapter: size, dilated RNN, clustering, losses, k-means, annealing, training."""
 from __future__ import annotations
 
 import math
