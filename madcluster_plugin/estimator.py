@@ -84,6 +84,13 @@ def window_coverage(n_timestamps: int, window: int, starts: np.ndarray) -> np.nd
     return np.cumsum(diff[:-1])
 
 
+def _cuda_indices(device: torch.device) -> list[int]:
+    """CUDA device index whose RNG ``fork_rng`` saves and restores (none on CPU)."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
 class WindowBatches:
     """Re-iterable mini-batches of windows ``[b, window, C]`` cut from one series tensor.
 
@@ -202,8 +209,7 @@ class MADClusterDetector(BaseEstimator):
         device = self._resolve_device()
         config = self._head_config()
         seed = self._seed()
-        fork_devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=fork_devices):
+        with torch.random.fork_rng(devices=_cuda_indices(device)):
             torch.manual_seed(seed)
             x = torch.from_numpy(series).to(device)
             starts = window_starts(len(series), self.window, self.stride)
@@ -492,8 +498,7 @@ class MADClusterDetector(BaseEstimator):
         total = torch.zeros(n, dtype=torch.float64)
         was_training = self.model_.training
         self.model_.eval()
-        fork_devices = [self.device_] if self.device_.type == "cuda" else []
-        with torch.no_grad(), torch.random.fork_rng(devices=fork_devices):
+        with torch.no_grad(), torch.random.fork_rng(devices=_cuda_indices(self.device_)):
             torch.manual_seed(self.seed_)  # detectors that sample at test time score reproducibly
             for idx in batches.index_batches():
                 s = self._window_scores(x[idx.to(x.device)])

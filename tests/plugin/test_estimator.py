@@ -54,6 +54,14 @@ def tiny_detector(**kw) -> MADClusterDetector:
     return MADClusterDetector(TinyAE(), **{**opts, **kw})
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def synthetic():
     return make_synthetic(n_channels=8, n_train=3000, n_test=2000, seed=0)
