@@ -50,7 +50,8 @@ def _band_noise(rng: np.random.Generator, n: int, size: int, low: float, high: f
     return noise / noise.std(axis=(1, 2), keepdims=True)
 
 
-def _textures(rng: np.random.Generator, n: int, size: int, texture: str, params: dict[str, Any]) -> np.ndarray:
+def _textures(rng: np.random.Generator, n: int, size: int, texture: str,
+              params: dict[str, Any]) -> np.ndarray:
     """Normal images ``[n, 3, size, size]``: one texture family, random phase/jitter per image."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     if texture == "periodic":  # two oriented gratings: a woven fabric

@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import numbers
 from dataclasses import fields
 from typing import Any, Callable, Iterator
 
@@ -60,6 +61,7 @@ _FLAT_HEAD_PARAMS = {"n_clusters": "n_clusters", "target": "target", "objective"
                      "head_weight": "weight"}
 
 LossFn = Callable[[Any, Tensor], Tensor]
+History = list[dict[str, float]]
 
 
 # ---- windows ------------------------------------------------------------------------------
@@ -254,9 +256,9 @@ class MADClusterDetector(BaseEstimator):
         if self.score_stride is not None and (isinstance(self.score_stride, bool) or not isinstance(
                 self.score_stride, (int, np.integer)) or self.score_stride < 1):
             raise ValueError(f"score_stride must be None or an integer >= 1; got {self.score_stride!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+        if not (isinstance(self.lr, numbers.Real) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number; got {self.lr!r}")
-        if not (isinstance(self.contamination, (int, float)) and 0.0 < self.contamination <= 0.5):
+        if not (isinstance(self.contamination, numbers.Real) and 0.0 < self.contamination <= 0.5):
             raise ValueError(f"contamination must be in (0, 0.5] (the expected fraction of anomalous "
                              f"training points); got {self.contamination!r}")
         if self.combine not in COMBINES:
@@ -363,7 +365,7 @@ class MADClusterDetector(BaseEstimator):
 
     # ---- training -------------------------------------------------------------------------
     def _fit_adapter(self, n_channels: int, train: WindowBatches, ordered: WindowBatches,
-                     config: MADClusterConfig, device: torch.device) -> tuple[MADClusterModel, Any, list[dict[str, float]]]:
+                     config: MADClusterConfig, device: torch.device) -> tuple[MADClusterModel, Any, History]:
         """Build, wrap and train a registered baseline through its adapter."""
         try:
             import adapters  # lazy: madcluster_plugin never imports the baselines at import time
@@ -386,7 +388,7 @@ class MADClusterDetector(BaseEstimator):
         self._check_head_steps(model, ordered)
         optimizers = adapter.optimizers(model, self.lr)
         soft_boundary = config.objective == "soft-boundary"
-        history: list[dict[str, float]] = []
+        history: History = []
         for epoch in range(self.epochs):
             sums: dict[str, float] = {}
             distances: list[Tensor] = []
@@ -414,7 +416,7 @@ class MADClusterDetector(BaseEstimator):
         return model, adapter, history
 
     def _fit_module(self, train: WindowBatches, ordered: WindowBatches, config: MADClusterConfig,
-                    device: torch.device, seed: int) -> tuple[MADClusterModel, None, list[dict[str, float]]]:
+                    device: torch.device, seed: int) -> tuple[MADClusterModel, None, History]:
         """Wrap a deep copy of the user's module and train it with ``madcluster_plugin.train.fit``."""
         from .train import fit
 

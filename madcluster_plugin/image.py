@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -56,13 +55,13 @@ def head_anomaly_map(model: MADClusterModel, image_size: tuple[int, int],
     anomalib) to ``image_size``.
     """
     if not isinstance(model, MADClusterModel):
-        raise TypeError("head_anomaly_map needs a MADClusterModel (wrap(detector, hidden=..., layout='BCHW'))")
+        raise TypeError("head_anomaly_map needs a MADClusterModel: "
+                        "wrap(detector, hidden=..., layout='BCHW')")
     if model.layout != "BCHW":
-        raise ValueError(
-            f"a pixel map needs one head score per spatial position: wrap with layout='BCHW' "
-            f"(this model has layout={model.layout!r}"
-            + ("; BCHW_seq scores feature channels, use channel_image_score()" if model.layout == "BCHW_seq" else "")
-            + ")")
+        hint = ("; BCHW_seq scores feature channels, use channel_image_score()"
+                if model.layout == "BCHW_seq" else "")
+        raise ValueError(f"a pixel map needs one head score per spatial position: wrap with "
+                         f"layout='BCHW' (this model has layout={model.layout!r}{hint})")
     score = model.head_score()
     batch, n = score.shape
     h, w = feature_size if feature_size is not None else feature_grid(n, image_size)
@@ -114,7 +113,8 @@ def combine_maps(model: MADClusterModel, head_map: Tensor, base_map: Tensor,
     if combine not in COMBINES:
         raise ValueError(f"combine={combine!r}; expected one of {COMBINES}")
     if head_map.shape != base_map.shape:
-        raise ValueError(f"head_map {tuple(head_map.shape)} and base_map {tuple(base_map.shape)} differ in shape")
+        raise ValueError(f"head_map {tuple(head_map.shape)} and base_map {tuple(base_map.shape)} "
+                         f"differ in shape")
     if combine == "head":
         return head_map
     if combine == "base":

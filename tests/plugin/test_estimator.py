@@ -54,20 +54,13 @@ def tiny_detector(**kw) -> MADClusterDetector:
     return MADClusterDetector(TinyAE(), **{**opts, **kw})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def synthetic():
     return make_synthetic(n_channels=8, n_train=3000, n_test=2000, seed=0)
 
 
 # ---- scikit-learn conventions -------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.SkipTestWarning")  # array-API checks
 def test_passes_sklearn_check_estimator_except_iid_sample_checks() -> None:
     # Every check scikit-learn selects for a plain estimator, with the two that assume rows are
     # independent samples marked: a window's score depends on its neighbours, so scores change

@@ -28,14 +28,6 @@ def _load_example():
 ex = _load_example()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def textures():
     return ex.make_texture_defects(n_train=128, n_test=96, texture="periodic", seed=0)
