@@ -7,6 +7,7 @@
 from .config import MADClusterConfig
 from .metrics import (affiliation, affiliation_events, best_f1, evaluate, f1_at, f1_floor,
                       point_adjust, point_adjusted_f1, range_auc, vus)
+from .estimator import MADClusterDetector
 from .head import HeadOutput, MADClusterHead, head_macs
 from .wrapper import MADClusterModel, madcluster, unwrap_model, wrap
 
@@ -25,6 +26,7 @@ __all__ = [
     "vus",
     "HeadOutput",
     "MADClusterConfig",
+    "MADClusterDetector",
     "MADClusterHead",
     "MADClusterModel",
     "head_macs",
