@@ -30,42 +30,55 @@ row-wise smoothed KL averaged over heads, mean over windows, times and the ``|P|
     series = KL(S || sg N^) + KL(sg N^ || S)      prior = KL(N^ || sg S) + KL(sg S || N^)
     loss   = prior - series                        (value identically 0; only the gradients differ)
 
+``S`` keeps the reference's row sums (``p`` after up-sampling; only ``N`` is renormalised).
+
 Score per point (the reference's ``test``): ``softmax_t(-temperature * sum_u [KL(S_u || N^_u) +
 KL(N^_u || S_u)]_t)`` over the ``T`` points of each window, NOT averaged over the window (the
 window mean of a softmax is the constant ``1/T``, which is what the released MADCluster code
 ended up scoring: METHOD.md section 1.7).
+
+What the score measures. The rows of a channel-averaged softmax sum to 1, so with the strided
+layout the discrepancy of time ``a = i p + r`` is exactly ``f(i) + g(r)`` per scale and layer:
+``f`` depends only on patch ``i``'s attention row (how peaked it is), ``g`` only on the in-patch
+position ``r`` (the same in every patch). The objective has no notion of normality: it pushes
+every ``S`` row away from ``N^``, which follows; in-patch tokens of a smooth series look alike, so
+``N^`` stays uniform and ``S`` sharpens for normal and abnormal patches alike. On the synthetic
+generator the plain score is at chance (tests/baselines/test_dcdetector.py); this is the
+"collapse" reported on the reference (issues #5 and #29 of DAMO-DI-ML/KDD2023-DCdetector).
 
 What we changed (and why):
 
 * In-patch mapping bug fixed. The reference builds in-patch tokens from contiguous chunks
   (``'(p n) -> p n'``: time ``a`` sits in token ``a // n``) but up-samples their map by tiling,
   which reads row ``a mod p``: every in-patch attention weight lands on the wrong time pairs
-  (BASELINES.md section 7, pitfalls). We keep the tiling, which is the paper's in-patch
-  semantics (dependencies between positions inside a patch, repeated for every patch), and build
-  the tokens to match it (``'(n p) -> p n'``, token ``a mod p``). The alternative fix (contiguous
-  tokens, block up-sampling) would just duplicate the patch-wise branch at patch length ``n``.
+  (BASELINES.md section 7, pitfalls). By default (``inpatch="strided"``) we keep the tiling,
+  which is the paper's in-patch semantics (dependencies between positions inside a patch,
+  repeated for every patch), and build the tokens to match it (``'(n p) -> p n'``, token
+  ``a mod p``). ``inpatch="contiguous"`` keeps the reference's tokens and up-samples their map by
+  ``n x n`` blocks instead (token ``a // n``); it makes the in-patch branch a coarse patch-wise
+  branch (patch length ``n``).
 * Plain per-window normalisation ``(x - mean_t) / sqrt(var_t + 1e-5)`` per channel instead of the
   reference's RevIN, which builds a new module in every forward and hard-codes the device
   (MADCluster's variant has no normalisation: ``normalize=False``).
 * ``dropout`` defaults to 0.0, the DCdetector reference's value (MADCluster's variant hard-codes
   0.1; ``dropout=0.1`` reproduces it). It acts on the embeddings and the attention maps.
-* Memory and speed; the same numbers (tested against the straightforward computation,
+* Memory and speed, with the same numbers (tested against the straightforward computation of
   ``benchmarks/dcdetector_speed.py``):
 
-  - channels are averaged before up-sampling (up-sampling is linear), and the ``[T x T]`` maps are
-    never built: the loss and the score only need row sums of the two block structures, which
-    factor as ``KL(S || N^)_(i,r) = p sum_k S_ik log(S_ik + eps) - (sum_k S_ik)(sum_j log(N^_rj +
-    eps))`` and ``KL(N^ || S)_(i,r) = n sum_j N^_rj log(N^_rj + eps) - (sum_j N^_rj)(sum_k
-    log(S_ik + eps))`` for time ``a = i p + r`` (with ``N^_rj = N_rj / (n sum_j' N_rj')``).
+  - channels are averaged before up-sampling (up-sampling is linear), and no ``[T x T]`` map is
+    built, per channel or at all: a row-wise KL of two up-sampled maps is a within-row term
+    (``p sum_k S_ik log(S_ik + eps)``, resp. ``n sum_j N^_rj log(N^_rj + eps)``) minus a cross term,
+    a ``[n, T] x [T, p]`` product of the channel-averaged maps expanded along the key axis only.
     :meth:`DCdetector.upsampled_maps` builds the ``[T x T]`` maps on request;
-  - the scores are a bilinear form of the embeddings, ``Q K^T = E (Wq^T Wk) E^T + 1 (E Wk^T bq)^T +
-    (terms constant along the softmax axis, dropped)``, and without embedding dropout (the
-    default, and always at evaluation) the embeddings are ``E = Z G + P`` (``Z`` the ``3f``
-    values under the conv kernel, ``G`` the conv weight, ``P`` the position code). The scores are
-    then computed in the ``3f``-dimensional input space (``f`` the token length) instead of at
-    ``d = 256``, so the per-token ``d x d`` projections (more than 97% of the reference's
-    multiply-adds) disappear. With embedding dropout active the bilinear form still halves them
-    (one ``d x d`` product per token instead of two) for a single head.
+  - the attention logits are a bilinear form of the embeddings, ``Q K^T = E (Wq^T Wk) E^T +
+    1 (E Wk^T bq)^T`` (plus terms constant along the softmax axis, dropped), and without embedding
+    dropout (the default, and always at evaluation) the embeddings are ``E = Z G + P`` (``Z`` the
+    ``3f`` values under the conv kernel, ``G`` the conv weight, ``P`` the position code). The
+    logits are then computed in the ``3f``-dimensional input space (``f`` the token length)
+    instead of at ``d = 256``, so the per-token ``d x d`` query/key projections disappear (96% of
+    the reference's multiply-adds at the released configuration; the discarded value projections
+    below are another 3%). With embedding dropout active, the bilinear form still
+    needs one ``d x d`` product per token instead of two (single head).
 * Kept for the parameter count though no loss uses them (BASELINES.md section 7): the window
   embedding ``x_ori`` (``window_embedding``, the MADCluster code's attachment point, computed in
   every forward but never trained by the DCdetector loss), each layer's value and output
