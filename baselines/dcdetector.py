@@ -311,8 +311,9 @@ class DCdetector(nn.Module):
             return logits.view(n_seq, m, k_maps, m), e_mean
         e = emb(u)  # [N, m, d]
         if self.n_heads == 1:  # one d x d product per token instead of two (Q and K)
-            fa = torch.einsum("nmd,kdf->nmkf", e, a) + w
+            fa = torch.einsum("nmd,kdf->nmkf", e, a)
             logits = torch.bmm(fa.view(n_seq, m * k_maps, -1), e.transpose(1, 2)).view(n_seq, m, k_maps, m)
+            logits = logits + (e @ w.T).transpose(1, 2)[:, None]  # 1 (E w)^T, on the smaller tensor
         else:
             H, dh = self.n_heads, self.d_model // self.n_heads
             wq = torch.stack([layer.query_projection.weight for layer in self.layers])
