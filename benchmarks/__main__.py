@@ -14,17 +14,22 @@ Examples::
     madcluster-bench ablation --datasets MSL --profile paper --device cuda
     madcluster-bench overhead ...                             # see benchmarks.overhead
     madcluster-bench report --out runs/msl-quick              # rebuild table.md and plots
+    torchrun --nproc_per_node 4 -m benchmarks compare --datasets SMD --profile paper --device cuda
+
+Under ``torchrun`` each run is trained by all processes together (DistributedDataParallel;
+``profile.batch`` stays the global batch) and only rank 0 writes; see docs/distributed.md.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 COMMANDS = ("compare", "clusters", "ablation", "overhead", "report")
 _DEFAULT_VARIANTS = {"compare": ["base", "madcluster"], "ablation": ["mapping", "cluster", "both"],
@@ -70,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
                             "processes with disjoint --entities and the same --out)")
         s.add_argument("--no-plots", action="store_true")
         s.add_argument("--no-progress", action="store_true")
+        s.add_argument("--save-checkpoints", action="store_true",
+                       help="also write each run's best model as runs/<dataset>/<entity>/<run>.pt "
+                            "(loads with madcluster_plugin.train.load_checkpoint)")
         s.add_argument("--log-level", default="WARNING")
         if name == "clusters":
             s.add_argument("--ks", nargs="+", type=int, default=list(range(1, 11)),
@@ -135,32 +143,59 @@ def _build_specs(args: argparse.Namespace) -> list:
 
 
 def _run_command(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    import torch
-
-    from .profiles import get_profile
-    from .reports import render_table, write_plots, write_table
-    from .runner import ResultStore, RunConfig, resolve_device, run_grid
+    """Run a grid command; under torchrun set up the process group first and tear it down after."""
+    from . import distributed
+    from .runner import resolve_device
 
     device = resolve_device(args.device)
+    ctx, device = distributed.setup(device)  # a no-op unless launched by torchrun
+    try:
+        code = _run_grid_command(args, argv, ctx, device)
+    except BaseException:
+        distributed.teardown(wait=False)  # no barrier: the other ranks may be elsewhere
+        raise
+    distributed.teardown()
+    return code
+
+
+def _run_grid_command(args: argparse.Namespace, argv: Sequence[str], ctx: Any, device: str) -> int:
+    """The body of :func:`_run_command` once the (optional) process group is up."""
+    import torch
+
+    from . import distributed
+    from .profiles import get_profile
+    from .reports import render_table, write_plots, write_table
+    from .runner import ResultStore, RunConfig, run_grid
+
     threads = args.threads or (1 if device == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
     profile = get_profile(args.profile).with_overrides(epochs=args.epochs)
     cfg = RunConfig(profile=profile, protocol=args.protocol, combine=args.combine, device=device)
     out = Path(args.out or f"runs/{args.command}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if ctx.active:  # the default folder name has a timestamp: take rank 0's
+        from madcluster_plugin.train import broadcast_object
+
+        out = Path(broadcast_object(str(out)))
     command_line = "madcluster-bench " + " ".join(shlex.quote(a) for a in argv)
+    if ctx.active:
+        command_line = f"torchrun ... -m benchmarks {command_line.split(' ', 1)[1]}  # {ctx.world} processes"
     config = {"command": args.command, **cfg.to_dict()}
     try:
         specs = _build_specs(args)
-        store = ResultStore(out, config)
+        store = ResultStore(out, config, checkpoints=args.save_checkpoints)
     except (ValueError, FileNotFoundError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    print(f"{args.command}: {len(specs)} runs ({len(specs) - sum(store.is_done(s) for s in specs)} to do), "
-          f"profile {profile.name}, protocol {args.protocol}, device {cfg.device} -> {out}")
+    label = distributed.device_label(cfg.device, ctx)
+    if ctx.main:
+        print(f"{args.command}: {len(specs)} runs ({len(specs) - sum(store.is_done(s) for s in specs)} "
+              f"to do), profile {profile.name}, protocol {args.protocol}, device {label} -> {out}")
     t0 = time.perf_counter()
     run_grid(specs, cfg, store, args.data_dir, progress=not args.no_progress,
              after_row=lambda st: write_table(st.out, args.command, config, command_line))
     wall = time.perf_counter() - t0
+    if not ctx.main:
+        return 0
     table = write_table(out, args.command, config, command_line)
     plots = [] if args.no_plots else write_plots(out, args.command)
     print(f"done in {wall:.1f} s: {out / 'rows.csv'}, {table}, {len(plots)} plot(s) in {out / 'plots'}")
@@ -202,8 +237,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "report":
         return _report(args)
+    from madcluster_plugin.train import launched_by_torchrun
+
+    where = f" [rank {os.environ.get('RANK', '0')}]" if launched_by_torchrun() else ""
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
-                        format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+                        format=f"%(asctime)s{where} %(name)s %(levelname)s: %(message)s")
     return _run_command(args, argv)
 
 

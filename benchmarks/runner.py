@@ -8,8 +8,12 @@ evaluate with a protocol (:mod:`benchmarks.protocols`) and return one CSV row.
 :class:`ResultStore` appends each finished row to ``rows.csv`` as one complete line written with
 a single ``write`` followed by ``flush`` and ``fsync``; a restarted grid skips every key already
 in the file, and a torn last line (a kill mid-write) is cut off on load, so no row is lost or
-duplicated. Per-run artefacts (point scores, nu and loss history) are written atomically
-*before* the row, so a row always has its artefacts.
+duplicated. Per-run artefacts (point scores, nu and loss history, and with ``checkpoints=True``
+the best model's ``state_dict``) are written atomically *before* the row, so a row always has
+its artefacts.
+
+Under ``torchrun`` every run is trained by all ranks together and only rank 0 writes
+(:mod:`benchmarks.distributed`, docs/distributed.md); the rows have the same columns.
 """
 from __future__ import annotations
 
@@ -33,10 +37,14 @@ from torch import Tensor, nn
 import adapters
 from adapters.base import Adapter, backbone_of, is_wrapped
 
+from madcluster_plugin.train import (all_gather_objects, all_reduce_sum, barrier, broadcast_object,
+                                     write_checkpoint)
+
+from . import distributed
 from .data import Entity, load_entity
 from .profiles import Profile
 from .protocols import PROTOCOLS, evaluate_run
-from .windows import iter_batches, overlap_mean, thin_starts, window_starts
+from .windows import iter_batches, overlap_mean, thin_starts, window_starts, window_view
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +125,14 @@ class RunConfig:
 
 @dataclass
 class RunResult:
+    """One run's row and artefacts. Under torchrun ``point_scores`` is empty except on rank 0;
+    ``model`` is the trained plain (wrapped or not) model with the best validation state."""
+
     row: dict[str, Any]
     point_scores: np.ndarray
     labels: np.ndarray
     history: dict[str, list[float]]
+    model: nn.Module | None = field(default=None, repr=False)
 
 
 def resolve_device(name: str) -> str:
@@ -196,6 +208,18 @@ class HiddenProbe:
         var = (self.total_sq / self.count - mean * mean).clamp_min(0.0) * self.count / (self.count - 1)
         return float(var.sqrt().mean())
 
+    def all_reduce(self) -> None:
+        """Sum the running sums over ranks (each rank probed its own share of the batches)."""
+        parts = all_gather_objects((self.count,
+                                    None if self.total is None else self.total.cpu(),
+                                    None if self.total_sq is None else self.total_sq.cpu()))
+        if len(parts) == 1:
+            return
+        self.count = sum(p[0] for p in parts)
+        sums = [p for p in parts if p[1] is not None]
+        self.total = sum(p[1] for p in sums) if sums else None
+        self.total_sq = sum(p[2] for p in sums) if sums else None
+
     def close(self) -> None:
         self._handle.remove()
 
@@ -205,38 +229,81 @@ class HiddenProbe:
 # ---------------------------------------------------------------------------------------------
 class _Batches:
     """A re-iterable view of windows as ``[B, T, C]`` tensors (for ``on_fit_start`` hooks that
-    iterate more than once, without materialising every window)."""
+    iterate more than once, without materialising every window).
+
+    With a distributed ``ctx`` only this rank's batches (round-robin, :func:`distributed.is_mine`)
+    are materialised; each keeps the composition it has in one process.
+    """
 
     def __init__(self, series: np.ndarray, starts: np.ndarray, window: int, batch: int,
-                 device: str) -> None:
+                 device: str, ctx: distributed.Context | None = None) -> None:
         self.series, self.starts, self.window, self.batch, self.device = (
             series, starts, window, batch, device)
+        self.ctx = ctx or distributed.Context()
+
+    def shard(self, ctx: distributed.Context) -> "_Batches":
+        return _Batches(self.series, self.starts, self.window, self.batch, self.device, ctx)
+
+    def indexed(self) -> Iterator[tuple[int, Tensor]]:
+        """``(batch index, batch)`` for this rank's batches."""
+        if not self.ctx.active:
+            yield from enumerate(iter_batches(self.series, self.starts, self.window, self.batch,
+                                              self.device))
+            return
+        view = window_view(self.series, self.window)
+        for k, i in enumerate(range(0, len(self.starts), self.batch)):
+            if distributed.is_mine(k, self.ctx):
+                chunk = np.ascontiguousarray(view[self.starts[i:i + self.batch]], dtype=np.float32)
+                yield k, torch.from_numpy(chunk).to(self.device)
 
     def __iter__(self) -> Iterator[Tensor]:
-        return iter_batches(self.series, self.starts, self.window, self.batch, self.device)
+        return (xb for _, xb in self.indexed())
 
     def __len__(self) -> int:
-        return (len(self.starts) + self.batch - 1) // self.batch
+        n = (len(self.starts) + self.batch - 1) // self.batch
+        return len(range(self.ctx.rank, n, self.ctx.world))
+
+
+def _train_batches(series: np.ndarray, starts: np.ndarray, window: int, batch: int, device: str,
+                   order: np.ndarray, ctx: distributed.Context) -> Iterator[Tensor]:
+    """This rank's part of every global training batch of ``starts[order]`` (all of it in one
+    process, the same tensors as :func:`iter_batches`)."""
+    if not ctx.active:
+        yield from iter_batches(series, starts, window, batch, device, order)
+        return
+    view = window_view(series, window)
+    for rows in distributed.global_batches(order, batch):
+        mine = distributed.shard_rows(rows, ctx)
+        chunk = np.ascontiguousarray(view[starts[mine]], dtype=np.float32)
+        yield torch.from_numpy(chunk).to(device)
 
 
 def _mean_val_loss(adapter: Adapter, model: nn.Module, batches: _Batches, epoch: int) -> float:
+    """Window-weighted mean validation loss; under torchrun summed over the ranks' shares."""
     model.eval()
     total, n = 0.0, 0
     for xb in batches:
         total += adapter.validation_loss(model, xb, epoch) * len(xb)
         n += len(xb)
+    if batches.ctx.active:
+        total, n = all_reduce_sum([total, n])
     return total / max(n, 1)
 
 
 @torch.no_grad()
 def _score_series(adapter: Adapter, model: nn.Module, series: np.ndarray, profile: Profile,
-                  window: int, combine: str, device: str, probe: HiddenProbe | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-window per-point scores ``[n, T]`` and the window starts for ``series``."""
+                  window: int, combine: str, device: str, probe: HiddenProbe | None = None,
+                  ctx: distributed.Context | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-window per-point scores ``[n, T]`` and the window starts for ``series``.
+
+    Under torchrun each rank scores its round-robin share of the batches and rank 0 receives
+    them in order; the other ranks get an empty ``[0, T]`` array.
+    """
+    ctx = ctx or distributed.Context()
     model.eval()
     starts = window_starts(len(series), window, profile.test_stride)
-    chunks = []
-    for xb in iter_batches(series, starts, window, profile.batch, device):
+    local = []
+    for k, xb in _Batches(series, starts, window, profile.batch, device, ctx).indexed():
         if probe is not None:
             probe.reset()
         s = adapter.score(model, xb, combine=combine)
@@ -245,7 +312,10 @@ def _score_series(adapter: Adapter, model: nn.Module, series: np.ndarray, profil
         if s.dim() != 2 or s.shape != xb.shape[:2]:
             raise ValueError(f"{adapter.name}.score returned shape {tuple(s.shape)}; expected "
                              f"[B, T] = {tuple(xb.shape[:2])}")
-        chunks.append(s.detach().double().cpu().numpy())
+        local.append((k, s.detach().double().cpu().numpy()))
+    chunks = distributed.gather_in_order(local, ctx)
+    if chunks is None:
+        return np.empty((0, window)), starts
     scores = np.concatenate(chunks)
     if not np.isfinite(scores).all():
         log.warning("%s: %d non-finite scores replaced by the largest finite score",
@@ -267,9 +337,11 @@ def train_and_evaluate(spec: RunSpec, entity: Entity, cfg: RunConfig,
     """Train, select the best-validation checkpoint, score and evaluate one run.
 
     ``epoch_bar(total)`` may return a tqdm-like object (``update``, ``set_postfix``, ``close``)
-    for a per-run progress bar; library code itself never prints.
+    for a per-run progress bar; library code itself never prints. Under torchrun every rank
+    calls it for the same spec (see :mod:`benchmarks.distributed`); all get the same row.
     """
-    profile, device = cfg.profile, cfg.device
+    ctx = distributed.context()
+    profile, device = cfg.profile, distributed.local_device(cfg.device, ctx)
     seed_everything(spec.seed)
     adapter = adapters.get(spec.model)
     window = profile.window_for(spec.model)
@@ -290,14 +362,17 @@ def train_and_evaluate(spec: RunSpec, entity: Entity, cfg: RunConfig,
     val_starts = thin_starts(window_starts(len(val), window, profile.train_stride),
                              profile.max_val_windows)
     fit_batches = _Batches(fit, fit_starts, window, profile.batch, device)
-    val_batches = _Batches(val, val_starts, window, profile.batch, device)
+    val_batches = _Batches(val, val_starts, window, profile.batch, device).shard(ctx)
 
     t0 = time.perf_counter()
+    # data-dependent initialisation sees all training windows on every rank (as one process)
     if hasattr(backbone, "on_fit_start"):
         backbone.on_fit_start(fit_batches)
     if spec.wrapped and model.head.config.center_init == "data":
         model.initialize_centers(fit_batches)
     optimizers = adapter.optimizers(model, profile.lr)
+    prepared = distributed.prepare(model, adapter, optimizers, device, spec.seed, ctx,
+                                   probe=next(iter(fit_batches)) if ctx.active else None)
     gen = torch.Generator().manual_seed(spec.seed)
     history: dict[str, list[float]] = {"nu": [_nu(model)], "train_loss": [], "val_loss": []}
     best_loss, best_state, best_epoch, bad = math.inf, None, -1, 0
@@ -307,13 +382,18 @@ def train_and_evaluate(spec: RunSpec, entity: Entity, cfg: RunConfig,
         order = torch.randperm(len(fit_starts), generator=gen).numpy()
         model.train()  # validation left it in eval mode
         step_losses = []
-        for xb in iter_batches(fit, fit_starts, window, profile.batch, device, order):
-            logs = adapter.train_step(model, xb, optimizers, epoch)
+        for xb in _train_batches(fit, fit_starts, window, profile.batch, device, order, ctx):
+            logs = adapter.train_step(prepared.model, xb, optimizers, epoch)
+            prepared.after_step()
             step_losses.append(logs.get("total", sum(logs.values())))
         if hasattr(backbone, "on_epoch_end"):
             backbone.on_epoch_end(epoch)
+        prepared.after_epoch()
         val_loss = _mean_val_loss(adapter, model, val_batches, epoch)
-        history["train_loss"].append(float(np.mean(step_losses)))
+        train_loss = float(np.mean(step_losses))
+        if ctx.active:
+            train_loss = all_reduce_sum([train_loss])[0] / ctx.world
+        history["train_loss"].append(train_loss)
         history["val_loss"].append(val_loss)
         history["nu"].append(_nu(model))
         epochs_run = epoch + 1
@@ -326,10 +406,17 @@ def train_and_evaluate(spec: RunSpec, entity: Entity, cfg: RunConfig,
             bar.update(1)
             bar.set_postfix(train=f"{history['train_loss'][-1]:.4g}", val=f"{val_loss:.4g}")
         if bad >= profile.patience:
-            log.info("%s: early stop after epoch %d (best %d)", spec.slug(), epoch, best_epoch)
+            if ctx.main:
+                log.info("%s: early stop after epoch %d (best %d)", spec.slug(), epoch, best_epoch)
             break
     if bar is not None:
         bar.close()
+    prepared.check_in_sync()
+    if prepared.resyncs and ctx.main:
+        log.warning("%s: a rank-local decision in %s.train_step made the ranks differ %d time(s); "
+                    "rank 0's state was broadcast each time", spec.slug(), adapter.name,
+                    prepared.resyncs)
+    del prepared  # drop the DDP container: evaluation runs on the plain model
     if best_state is not None:
         model.load_state_dict(best_state)
     else:
@@ -342,16 +429,21 @@ def train_and_evaluate(spec: RunSpec, entity: Entity, cfg: RunConfig,
         norm_starts = thin_starts(window_starts(len(fit), window, profile.train_stride),
                                   profile.max_normalizer_windows)
         adapter.fit_score_normalizer(model, _Batches(fit, norm_starts, window,
-                                                     profile.batch, device))
+                                                     profile.batch, device, ctx))
     probe = HiddenProbe(model, adapter)
     try:
         test_win, test_starts = _score_series(adapter, model, entity.test, profile, window,
-                                              combine, device, probe)
+                                              combine, device, probe, ctx)
     finally:
         probe.close()
-    val_win, val_starts_s = _score_series(adapter, model, val, profile, window, combine, device)
+    probe.all_reduce()
+    val_win, val_starts_s = _score_series(adapter, model, val, profile, window, combine, device,
+                                          ctx=ctx)
     score_seconds = time.perf_counter() - t1
 
+    if not ctx.main:  # rank 0 evaluates and builds the row; the others receive it
+        row = broadcast_object(None)
+        return RunResult(row, np.empty(0, dtype=np.float32), entity.test_labels, history, model)
     t2 = time.perf_counter()
     metrics = evaluate_run(cfg.protocol, entity.test_labels, test_win, test_starts, val_win,
                            val_starts_s, window=profile.window, val_percentile=profile.val_percentile)
@@ -367,9 +459,11 @@ def train_and_evaluate(spec: RunSpec, entity: Entity, cfg: RunConfig,
         "epochs_run": epochs_run, "best_val_loss": best_loss, "n_params": n_params,
         "train_seconds": train_seconds, "score_seconds": score_seconds,
         "eval_seconds": eval_seconds, "protocol": cfg.protocol, "profile": profile.name,
-        "combine": combine, "device": device,
+        "combine": combine, "device": distributed.device_label(device, ctx),
     }
-    return RunResult(row, point.astype(np.float32), entity.test_labels, history)
+    if ctx.active:
+        broadcast_object(row)
+    return RunResult(row, point.astype(np.float32), entity.test_labels, history, model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,14 +476,34 @@ def _format(value: Any) -> str:
 
 
 class ResultStore:
-    """``rows.csv`` + per-run artefacts under ``out``; resumable (see the module docstring)."""
+    """``rows.csv`` + per-run artefacts under ``out``; resumable (see the module docstring).
 
-    def __init__(self, out: str | os.PathLike, config: dict[str, Any]) -> None:
+    ``checkpoints=True`` also writes each run's best model (``<slug>.pt``, a
+    :func:`madcluster_plugin.train.load_checkpoint` file). Under torchrun only rank 0 touches
+    the disk; the other ranks receive its rows (so every rank skips the same finished runs)
+    and its errors.
+    """
+
+    def __init__(self, out: str | os.PathLike, config: dict[str, Any], checkpoints: bool = False) -> None:
         self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
         self.rows_path = self.out / "rows.csv"
-        self._check_config(config)
-        self.rows: list[dict[str, str]] = self._load()
+        self.checkpoints = checkpoints
+        self.writer = distributed.context().main
+        rows: list[dict[str, str]] | None = None
+        error: str | None = None
+        if self.writer:
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                self._check_config(config)
+                rows = self._load()
+            except ValueError as exc:
+                error = str(exc)
+        if distributed.context().active:
+            error, rows = broadcast_object((error, rows))
+        if error is not None:
+            raise ValueError(error)
+        assert rows is not None
+        self.rows: list[dict[str, str]] = rows
         self.done = {tuple(r[c] for c in KEY_COLUMNS) for r in self.rows}
 
     def _check_config(self, config: dict[str, Any]) -> None:
@@ -428,8 +542,21 @@ class ResultStore:
     def artefact_path(self, spec: RunSpec) -> Path:
         return self.out / "runs" / spec.dataset / spec.entity / f"{spec.slug()}.npz"
 
+    def checkpoint_path(self, spec: RunSpec) -> Path:
+        return self.artefact_path(spec).with_suffix(".pt")
+
     def add(self, spec: RunSpec, result: RunResult) -> None:
-        """Write the artefacts atomically, then append the row as one fsynced line."""
+        """Write the artefacts atomically, then append the row as one fsynced line (rank 0;
+        the other ranks only record the key)."""
+        if not self.writer:
+            self.rows.append({c: _format(result.row[c]) for c in COLUMNS})
+            self.done.add(spec.key())
+            return
+        if self.checkpoints:
+            if result.model is None:
+                raise ValueError(f"{spec.slug()}: checkpoints=True needs RunResult.model")
+            write_checkpoint(result.model, self.checkpoint_path(spec), spec=spec_dict(spec),
+                             best_epoch=result.row["best_epoch"])
         path = self.artefact_path(spec)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
@@ -474,11 +601,13 @@ def run_grid(specs: Sequence[RunSpec], cfg: RunConfig, store: ResultStore,
     ``progress=True`` shows tqdm bars (overall and per run); ``after_row(store)`` is called after
     each stored row (the CLI regenerates ``table.md`` there, so a killed grid has a current table).
     """
+    ctx = distributed.context()
     todo = [s for s in specs if not store.is_done(s)]
-    log.info("%d runs requested, %d already in %s, %d to do", len(specs), len(specs) - len(todo),
-             store.rows_path, len(todo))
+    if ctx.main:
+        log.info("%d runs requested, %d already in %s, %d to do", len(specs), len(specs) - len(todo),
+                 store.rows_path, len(todo))
     overall, epoch_bar = None, None
-    if progress:
+    if progress and ctx.main:
         tqdm = _tqdm()
         overall = tqdm(total=len(specs), initial=len(specs) - len(todo), desc="runs", position=0)
         epoch_bar = lambda total: tqdm(total=total, desc="  epochs", position=1, leave=False)  # noqa: E731
@@ -494,12 +623,16 @@ def run_grid(specs: Sequence[RunSpec], cfg: RunConfig, store: ResultStore,
             result = train_and_evaluate(spec, cache[1], cfg, epoch_bar)
             store.add(spec, result)
             done_now += 1
-            log.info("%s/%s %s: f1=%.3f vus_pr=%.3f (%.1fs)", spec.dataset, spec.entity,
-                     spec.slug(), result.row["f1"], result.row["vus_pr"], result.row["train_seconds"])
+            if ctx.main:
+                log.info("%s/%s %s: f1=%.3f vus_pr=%.3f (%.1fs)", spec.dataset, spec.entity,
+                         spec.slug(), result.row["f1"], result.row["vus_pr"],
+                         result.row["train_seconds"])
             if overall is not None:
                 overall.update(1)
-            if after_row is not None:
+            if after_row is not None and ctx.main:
                 after_row(store)
+            if ctx.active:
+                barrier()  # the other ranks wait while rank 0 writes
     finally:
         if overall is not None:
             overall.close()
