@@ -644,7 +644,11 @@ def _unused_in_first_batch(model: MADClusterModel, loader: Iterable[Any], loss_f
 
     if not isinstance(loader, DataLoader):
         return []
-    batch = _to(next(iter(loader)), device)
+    rng = torch.random.get_rng_state()  # drawing a shuffled batch must not shift the RNG stream
+    try:
+        batch = _to(next(iter(loader)), device)
+    finally:
+        torch.random.set_rng_state(rng)
     head = set(head_parameter_names(model))
 
     def loss() -> Tensor:
