@@ -310,7 +310,9 @@ def _meta_state(model: nn.Module) -> Iterator[None]:
     def meta_of(t: Tensor) -> Tensor:
         if id(t) not in replacement:
             m = torch.empty_like(t, device="meta")
-            replacement[id(t)] = nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
+            if isinstance(t, nn.Parameter):
+                m = nn.Parameter(m, requires_grad=t.requires_grad)
+            replacement[id(t)] = m
         return replacement[id(t)]
 
     try:
