@@ -24,6 +24,8 @@ from torch import Tensor, nn
 
 from baselines.beatgan import D_REINIT_THRESHOLD, BeatGAN
 
+from madcluster_plugin.train import all_reduce_mean, broadcast_module_, is_distributed
+
 from .base import Adapter, backbone_of, is_wrapped
 
 ATTACH = {"latent": ("generator.encoder", "BDT"), "per_step": ("generator.encoder.step_view", "BDT")}
@@ -102,9 +104,14 @@ class BeatGANAdapter(Adapter):
             model.after_optimizer_step()
         model.zero_grad(set_to_none=True)
 
-        logs["d_reinit"] = float(logs["D"] < D_REINIT_THRESHOLD)
-        if logs["D"] < D_REINIT_THRESHOLD:
+        # Under torch.distributed every rank decides on the all-reduced D loss and takes rank 0's
+        # fresh weights, so the discriminators cannot drift apart.
+        loss_d_all = all_reduce_mean(logs["D"], x.device)
+        logs["d_reinit"] = float(loss_d_all < D_REINIT_THRESHOLD)
+        if loss_d_all < D_REINIT_THRESHOLD:
             backbone.reinitialize_discriminator()
+            if is_distributed():
+                broadcast_module_(backbone.discriminator)
         logs["total"] = logs["D"] + logs["G"] + logs.get("madcluster", 0.0)
         return logs
 
