@@ -241,10 +241,11 @@ class DCdetector(nn.Module):
         patch_sizes = tuple(int(p) for p in patch_sizes)
         if n_channels < 1 or window < 1:
             raise ValueError(f"n_channels and window must be >= 1; got {n_channels}, {window}")
-        if not patch_sizes or any(p < 1 or window % p for p in patch_sizes):
+        distinct = len(set(patch_sizes)) == len(patch_sizes)
+        if not patch_sizes or not distinct or any(p < 1 or window % p for p in patch_sizes):
             raise ValueError(
-                f"every patch size must be >= 1 and divide the window {window}; got patch_sizes="
-                f"{patch_sizes}. Pass patch_sizes=... made of divisors of {window}")
+                f"the patch sizes must be distinct, >= 1 and divide the window {window}; got patch_sizes="
+                f"{patch_sizes}. Pass patch_sizes=... made of distinct divisors of {window}")
         if d_model < 1 or n_heads < 1 or d_model % n_heads:
             raise ValueError(f"n_heads must divide d_model; got d_model={d_model}, n_heads={n_heads}")
         if e_layers < 1:
@@ -262,7 +263,8 @@ class DCdetector(nn.Module):
             token = t % p if inpatch == "strided" else t // (window // p)
             self.register_buffer(f"grid_index_{p}", (t // p) * p + token, persistent=False)
         self.patch_embeddings = nn.ModuleList(DataEmbedding(p, d_model, window // p, dropout) for p in patch_sizes)
-        self.inpatch_embeddings = nn.ModuleList(DataEmbedding(window // p, d_model, p, dropout) for p in patch_sizes)
+        self.inpatch_embeddings = nn.ModuleList(
+            DataEmbedding(window // p, d_model, p, dropout) for p in patch_sizes)
         self.window_embedding = DataEmbedding(n_channels, d_model, window, dropout)  # x_ori
         self.layers = nn.ModuleList(DualAttentionLayer(d_model, n_heads) for _ in range(e_layers))
         self.attn_dropout = nn.Dropout(dropout)
@@ -301,8 +303,9 @@ class DCdetector(nn.Module):
             pa = torch.einsum("md,kdf->kmf", pos, a)  # P A per map, [K, m, d]
             zz = (ga @ g.T).transpose(0, 1).reshape(y, k_maps * y)  # G A G^T
             zp = (ga @ pos.T).transpose(0, 1).reshape(y, k_maps * m)  # G A P^T
-            pz = (pa @ g.T + (g @ w.T).T[:, None, :]).transpose(0, 1).reshape(m * k_maps, y)  # P A G^T + 1 (G w)^T
-            pp = (pa @ pos.T + (pos @ w.T).T[:, None, :]).transpose(0, 1).reshape(m * k_maps, m)  # P A P^T + 1 (P w)^T
+            # P A G^T + 1 (G w)^T and P A P^T + 1 (P w)^T, rows (query token, map)
+            pz = (pa @ g.T + (g @ w.T).T[:, None, :]).transpose(0, 1).reshape(m * k_maps, y)
+            pp = (pa @ pos.T + (pos @ w.T).T[:, None, :]).transpose(0, 1).reshape(m * k_maps, m)
             z2 = z.reshape(n_seq * m, y)
             r = (z2 @ zz).view(n_seq, m * k_maps, y) + pz  # rows (query token, map)
             base = (z2 @ zp).view(n_seq, m * k_maps, m).add_(pp)
@@ -311,9 +314,8 @@ class DCdetector(nn.Module):
             return logits.view(n_seq, m, k_maps, m), e_mean
         e = emb(u)  # [N, m, d]
         if self.n_heads == 1:  # one d x d product per token instead of two (Q and K)
-            fa = torch.einsum("nmd,kdf->nmkf", e, a)
+            fa = torch.einsum("nmd,kdf->nmkf", e, a) + w
             logits = torch.bmm(fa.view(n_seq, m * k_maps, -1), e.transpose(1, 2)).view(n_seq, m, k_maps, m)
-            logits = logits + (e @ w.T).transpose(1, 2)[:, None]  # 1 (E w)^T, on the smaller tensor
         else:
             H, dh = self.n_heads, self.d_model // self.n_heads
             wq = torch.stack([layer.query_projection.weight for layer in self.layers])

@@ -215,10 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     for dropout in args.dropouts:
         ref = next(r for r in rows if r["arm"] == "released" and r["dropout"] == dropout)
         ours = next(r for r in rows if r["arm"] == "ours" and r["dropout"] == dropout)
+        increment = ((ours["peak_rss_mb"] - ours["rss_before_mb"])
+                     / (ref["peak_rss_mb"] - ref["rss_before_mb"]))
         print(f"dropout {dropout:.1f}: ours is {ref['step_s'] / ours['step_s']:.1f}x faster in wall time "
               f"({ref['cpu_s'] / ours['cpu_s']:.1f}x in CPU time); peak RSS "
               f"{ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}x of the released order's "
-              f"(step increment {(ours['peak_rss_mb'] - ours['rss_before_mb']) / (ref['peak_rss_mb'] - ref['rss_before_mb']):.2f}x)")
+              f"(step increment {increment:.2f}x)")
     return 0
 
 

@@ -121,7 +121,8 @@ def test_in_patch_attention_lands_on_the_right_time_pairs():
             out = model(x)
         tokens = inpatch_tokens(x, p, layout)[0]  # [p, n] time values
         token_of = {int(v): r for r in range(p) for v in tokens[r]}
-        expected = {"strided": [t % p for t in range(window)], "contiguous": [t // (window // p) for t in range(window)]}
+        expected = {"strided": [t % p for t in range(window)],
+                    "contiguous": [t // (window // p) for t in range(window)]}
         assert [token_of[t] for t in range(window)] == expected[layout]
         n_bar = out.prior[0][0, 0, 0]  # [p, p]
         assert torch.equal(n_bar.argmax(-1), torch.arange(p))  # distinct rows: diagonal maxima
@@ -221,6 +222,8 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.randn(20, 3))
     with pytest.raises(ValueError, match="divide the window"):
         DCdetector(3, window=20, patch_sizes=(3,))
+    with pytest.raises(ValueError, match="distinct"):
+        DCdetector(3, window=20, patch_sizes=(2, 2))
     with pytest.raises(ValueError, match="patch_sizes="):
         adapter.build(3, window=96)
     with pytest.raises(ValueError, match="unknown DCdetector build overrides"):
