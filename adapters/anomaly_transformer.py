@@ -12,23 +12,14 @@ by both terms, so the MADCluster head's loss joins that same single backward.
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from adapters.base import Adapter, backbone_of
+from adapters.base import Adapter, backbone_of, check_build_overrides
 from baselines.anomaly_transformer import AnomalyTransformer
 from madcluster_plugin import MADClusterModel
-
-
-def _check_overrides(cls: type, overrides: dict[str, Any], fixed: tuple[str, ...]) -> None:
-    """Raise a ValueError naming unknown build overrides and the accepted ones."""
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self",) + fixed]
-    unknown = sorted(set(overrides) - set(accepted))
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} build overrides {unknown}; accepted: {accepted}")
 
 
 class AnomalyTransformerAdapter(Adapter):
@@ -45,7 +36,7 @@ class AnomalyTransformerAdapter(Adapter):
 
     def build(self, n_channels: int, window: int = 100, **overrides: Any) -> nn.Module:
         """The official configuration (d_model 512, 8 heads, 3 layers, d_ff 512) unless overridden."""
-        _check_overrides(AnomalyTransformer, overrides, ("n_channels", "window"))
+        check_build_overrides(AnomalyTransformer, overrides, ("n_channels", "window"))
         return AnomalyTransformer(n_channels, window=window, **overrides)
 
     def wrap(self, model: nn.Module, **madcluster_overrides: Any) -> MADClusterModel:

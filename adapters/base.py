@@ -8,6 +8,7 @@ head's loss joins that phase). Everything model-specific lives in the baseline i
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar
 
 import torch
@@ -17,6 +18,14 @@ from madcluster_plugin import MADClusterModel, unwrap_model, wrap
 
 COMBINES = ("product", "sum", "head", "base")
 GRAD_SYNCS = ("ddp", "manual")
+
+
+def check_build_overrides(cls: type, overrides: dict[str, Any], fixed: tuple[str, ...] = ()) -> None:
+    """Raise a ValueError naming unknown ``build()`` overrides of ``cls`` and the accepted ones."""
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self",) + fixed]
+    unknown = sorted(set(overrides) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} build overrides {unknown}; accepted: {accepted}")
 
 
 def backbone_of(model: nn.Module) -> nn.Module:

@@ -25,24 +25,15 @@ optimiser, as the reference; the head's loss joins the same backward (the defaul
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from torch import nn
 
-from adapters.base import Adapter, backbone_of
+from adapters.base import Adapter, backbone_of, check_build_overrides
 from baselines.dcdetector import DCdetector
 from madcluster_plugin import MADClusterModel
 
 ATTACH_POINTS = {"query": "patch_representation", "x_ori": "window_embedding"}
-
-
-def _check_overrides(cls: type, overrides: dict[str, Any], fixed: tuple[str, ...]) -> None:
-    """Raise a ValueError naming unknown build overrides and the accepted ones."""
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self",) + fixed]
-    unknown = sorted(set(overrides) - set(accepted))
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} build overrides {unknown}; accepted: {accepted}")
 
 
 class DCdetectorAdapter(Adapter):
@@ -75,7 +66,7 @@ class DCdetectorAdapter(Adapter):
     def build(self, n_channels: int, window: int = 100, **overrides: Any) -> nn.Module:
         """The released MADCluster configuration (patches 2/5/10, d_model 256, 1 head, 3 layers)
         unless overridden; every patch size must divide ``window``."""
-        _check_overrides(DCdetector, overrides, ("n_channels", "window"))
+        check_build_overrides(DCdetector, overrides, ("n_channels", "window"))
         if "patch_sizes" not in overrides:
             bad = [p for p in (2, 5, 10) if window % p]
             if bad:

@@ -7,22 +7,13 @@ We keep both phases; they are stepped together after the single backward (the de
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from torch import nn
 
-from adapters.base import Adapter, backbone_of
+from adapters.base import Adapter, backbone_of, check_build_overrides
 from baselines.thoc import THOC
 from madcluster_plugin import MADClusterModel
-
-
-def _check_overrides(cls: type, overrides: dict[str, Any], fixed: tuple[str, ...]) -> None:
-    """Raise a ValueError naming unknown build overrides and the accepted ones."""
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self",) + fixed]
-    unknown = sorted(set(overrides) - set(accepted))
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} build overrides {unknown}; accepted: {accepted}")
 
 
 class THOCAdapter(Adapter):
@@ -39,7 +30,7 @@ class THOCAdapter(Adapter):
 
     def build(self, n_channels: int, window: int = 100, **overrides: Any) -> nn.Module:
         """A THOC for ``n_channels`` channels (``window`` only has to exceed the largest dilation)."""
-        _check_overrides(THOC, overrides, ("n_channels",))
+        check_build_overrides(THOC, overrides, ("n_channels",))
         dilations = tuple(overrides.get("dilations", (1, 2, 4)))
         if window <= max(dilations):
             raise ValueError(f"window={window} must exceed the largest dilation {max(dilations)}")
