@@ -552,7 +552,7 @@ def fit(model: MADClusterModel, loader: Iterable[Any], loss_fn: LossFn, epochs: 
     if not bool(model.head.centers_initialized):
         # the full loader on every rank (the same centres as one process); rank 0's are broadcast
         model.initialize_centers(_to(_inputs(b), dev) for b in loader)
-    optimizer = torch.optim.Adam(model.parameter_groups(lr, weight_decay), lr=lr)
+    optimizer = torch.optim.AdamW(model.parameter_groups(lr, weight_decay), lr=lr)
     runner: nn.Module = model
     val_part, val_sharded = val_loader, False
     if use_ddp:
