@@ -25,6 +25,7 @@ class HeadOutput:
     sq_distances: Tensor  # ||h_t - c_j||^2
     cluster: Tensor      # sequence-wise clustering term (one-directed loss, KL or the code's loss)
     mapping: Tensor      # cluster distance mapping term (eq. 27)
+    hidden: Tensor | None = None  # the hidden state itself (for error messages)
 
 
 class MADClusterHead(nn.Module):
@@ -82,11 +83,21 @@ class MADClusterHead(nn.Module):
             raise ValueError(
                 f"hidden feature size {h.shape[-1]} differs from the head's D = {self.dim}; "
                 f"pass dim={h.shape[-1]} (or the right layout) when wrapping")
-        if self.config.check_finite and not bool(torch.isfinite(h).all()):
-            n_bad = int((~torch.isfinite(h)).sum())
+
+    def _raise_if_not_finite(self, value: Tensor, out: HeadOutput, what: str) -> None:
+        """Fail loudly instead of returning NaN: checked on the (small) result, and only when it
+        is not finite is the hidden state inspected to say why (no full-tensor pass per step)."""
+        if not self.config.check_finite or bool(torch.isfinite(value).all()):
+            return
+        h = out.hidden
+        n_bad = int((~torch.isfinite(h)).sum()) if h is not None else 0
+        if n_bad:
             raise ValueError(
                 f"hidden state holds {n_bad} NaN/Inf value(s) of {h.numel()}: the backbone diverged "
                 f"or was fed non-finite input; check the input data and lower the learning rate")
+        raise FloatingPointError(
+            f"the head's {what} is not finite although the hidden state is (squared distances "
+            f"overflow float32 past |h| ~ 1e19); rescale the hidden state or use float64")
 
     def forward(self, h: Tensor) -> HeadOutput:
         """Assignments, targets and both loss terms for hidden states ``h [B, T, D]``."""
@@ -109,7 +120,7 @@ class MADClusterHead(nn.Module):
             p = L.dec_target(q, time_dim=1)
             cluster = L.kl_cluster_loss(p, q)
         mapping = L.distance_mapping_loss(sq, cfg.objective, self.radius, cfg.sb_nu)
-        return HeadOutput(q=q, p=p, sq_distances=sq, cluster=cluster, mapping=mapping)
+        return HeadOutput(q=q, p=p, sq_distances=sq, cluster=cluster, mapping=mapping, hidden=h)
 
     def loss_elements(self, out: HeadOutput) -> Tensor:
         """``[B, T, K]`` per-element loss: mapping + cluster, or one of them (``components``)."""
@@ -122,7 +133,9 @@ class MADClusterHead(nn.Module):
 
     def loss(self, out: HeadOutput) -> Tensor:
         """Scalar head loss (``reduction`` of :meth:`loss_elements`, times ``weight``)."""
-        return self.config.weight * L.reduce_elements(self.loss_elements(out), self.config.reduction)
+        loss = self.config.weight * L.reduce_elements(self.loss_elements(out), self.config.reduction)
+        self._raise_if_not_finite(loss.detach(), out, "loss")
+        return loss
 
     def score(self, out: HeadOutput) -> Tensor:
         """Per-point anomaly score ``[B, T]``: cluster term at the learned nu + squared distance
@@ -130,11 +143,9 @@ class MADClusterHead(nn.Module):
         comp = self.config.components
         cluster = out.cluster.sum(dim=-1)
         nearest = out.sq_distances.min(dim=-1).values
-        if comp == "mapping":
-            return nearest
-        if comp == "cluster":
-            return cluster
-        return cluster + nearest
+        score = nearest if comp == "mapping" else cluster if comp == "cluster" else cluster + nearest
+        self._raise_if_not_finite(score.detach(), out, "score")
+        return score
 
     # ---- data-dependent state -----------------------------------------------------------
     @torch.no_grad()

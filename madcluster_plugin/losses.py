@@ -15,25 +15,22 @@ LOG_CAP = 1e6    # ...and the arguments of both logs at 1e6 (SOLVER L29-30)
 NORM_EPS = 1e-8  # F.cosine_similarity's eps in the released code
 
 
-def _unit(x: Tensor) -> Tensor:
-    """``x / ||x||`` along the last axis, safe for huge, tiny and zero vectors.
+def _inverse_norm(x: Tensor) -> Tensor:
+    """``1 / max(||x||, 1e-8)`` along the last axis (``F.cosine_similarity``'s convention).
 
-    The vector is first divided by its (detached) largest absolute entry; cosine similarity is
-    scale-invariant, so the gradient is unchanged, but squares can no longer overflow or underflow.
+    A zero (or underflowing) vector gets cosine 0, i.e. q = 1/2, with finite gradients. Norms
+    overflow in float32 only past about 1e19, where squared distances have overflowed already.
     """
-    scale = x.detach().abs().amax(dim=-1, keepdim=True)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    xs = x / scale
-    norm = torch.sqrt((xs * xs).sum(dim=-1, keepdim=True).clamp_min(NORM_EPS ** 2))
-    return xs / norm
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(NORM_EPS).reciprocal()
 
 
 def cosine_assignment(h: Tensor, centers: Tensor) -> Tensor:
     """Soft assignment for K = 1 (METHOD.md 1.3): ``q = (1 + cos(h, c)) / 2`` in [0, 1].
 
-    Returns ``[..., K]``. A zero hidden vector (cosine undefined) gets q = 1/2.
+    Returns ``[..., K]``: one matrix product with the unit centres, scaled by ``1/||h||``.
     """
-    cos = _unit(h) @ _unit(centers).transpose(0, 1)
+    unit_centers = centers * _inverse_norm(centers)
+    cos = (h @ unit_centers.transpose(0, 1)) * _inverse_norm(h)
     return ((1.0 + cos) / 2.0).clamp(0.0, 1.0)
 
 

@@ -161,11 +161,15 @@ def test_bad_hidden_inputs() -> None:
         head(torch.randn(2, 3, 5))
     bad = torch.randn(2, 3, 4)
     bad[0, 1, 2] = float("nan")
-    with pytest.raises(ValueError, match="NaN/Inf"):
-        head(bad)
+    with pytest.raises(ValueError, match="1 NaN/Inf"):
+        head.loss(head(bad))
+    with pytest.raises(ValueError, match="1 NaN/Inf"):
+        head.score(head(bad))
     bad[0, 1, 2] = float("inf")
-    with pytest.raises(ValueError, match="NaN/Inf"):
-        head(bad)
+    with pytest.raises(ValueError, match="1 NaN/Inf"):
+        head.loss(head(bad))
+    with pytest.raises(FloatingPointError, match="overflow"):
+        head.loss(head(torch.full((1, 2, 4), 1e30)))
 
 
 @settings(max_examples=40, deadline=None)
