@@ -12,16 +12,18 @@ from torch import Tensor
 
 Q_FLOOR = 1e-6   # the released code clamps q and p at 1e-6 (SOLVER L22-23)
 LOG_CAP = 1e6    # ...and the arguments of both logs at 1e6 (SOLVER L29-30)
-NORM_EPS = 1e-8  # F.cosine_similarity's eps in the released code
 
 
 def _inverse_norm(x: Tensor) -> Tensor:
-    """``1 / max(||x||, 1e-8)`` along the last axis (``F.cosine_similarity``'s convention).
+    """``1 / ||x||`` along the last axis, and 1 for an exactly zero (or underflowing) vector.
 
-    A zero (or underflowing) vector gets cosine 0, i.e. q = 1/2, with finite gradients. Norms
-    overflow in float32 only past about 1e19, where squared distances have overflowed already.
+    Any non-zero vector gets its true direction, however small (a fixed floor such as
+    ``F.cosine_similarity``'s eps would shrink the cosine of vectors with norm below it towards
+    0); a zero vector gets cosine 0, i.e. q = 1/2, with finite gradients. Norms overflow in
+    float32 only past about 1e19, where squared distances have overflowed already.
     """
-    return torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(NORM_EPS).reciprocal()
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return torch.where(norm > 0, norm, torch.ones_like(norm)).reciprocal()
 
 
 def cosine_assignment(h: Tensor, centers: Tensor) -> Tensor:
@@ -30,7 +32,7 @@ def cosine_assignment(h: Tensor, centers: Tensor) -> Tensor:
     Returns ``[..., K]``: one matrix product with the unit centres, scaled by ``1/||h||``.
     """
     unit_centers = centers * _inverse_norm(centers)
-    cos = (h @ unit_centers.transpose(0, 1)) * _inverse_norm(h)
+    cos = (h * _inverse_norm(h)) @ unit_centers.transpose(0, 1)
     return ((1.0 + cos) / 2.0).clamp(0.0, 1.0)
 
 
