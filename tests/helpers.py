@@ -17,6 +17,11 @@ import adapters
 from benchmarks.synthetic import make_synthetic
 
 
+def n_params(model: torch.nn.Module) -> int:
+    """Number of parameter elements (what "wrapping adds K*D + 1" counts)."""
+    return sum(p.numel() for p in model.parameters())
+
+
 def windows(series: np.ndarray, window: int, stride: int) -> torch.Tensor:
     """``[N, C]`` -> ``[n, window, C]`` windows starting every ``stride`` points (last one flush)."""
     starts = list(range(0, len(series) - window + 1, stride))

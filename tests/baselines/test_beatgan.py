@@ -10,7 +10,7 @@ import torch
 import adapters
 from adapters.beatgan import BeatGANAdapter
 from baselines.beatgan import BeatGAN
-from tests.helpers import train_on_synthetic
+from tests.helpers import n_params, train_on_synthetic
 
 # Short synthetic runs (about 110 D/G steps). Seed 1's data is the discriminating one: a
 # constant reconstruction (0, 0.5 or 1) scores AUROC <= 0.535 and the per-position train mean
@@ -22,19 +22,6 @@ TRAIN = dict(build=dict(ndf=8, ngf=8, nz=16), epochs=3, stride=4, batch=16, lr=3
 # head alone 0.34 / 0.48 on seeds 1 / 2, and "sum" drops to 0.48 / 0.59; base alone 0.58 / 0.65.)
 PLAIN_BOUND = 0.68
 WRAPPED_BOUND = 0.65
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Time the tests on one core (the acceptance budget) and keep the machine's cores free."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def beatgan_param_count(channels: int, window: int, n: int, nz: int) -> int:

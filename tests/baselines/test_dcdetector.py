@@ -13,20 +13,7 @@ from adapters.dcdetector import ATTACH_POINTS
 from baselines.dcdetector import DCdetector, inpatch_tokens, normalize_window, patch_tokens
 from benchmarks.dcdetector_speed import reference_loss, reference_maps, reference_score
 from benchmarks.synthetic import make_synthetic
-from tests.helpers import train_on_synthetic, windows
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tests are sized for one core; tiny batched GEMMs also run slower on oversubscribed threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+from tests.helpers import n_params, train_on_synthetic, windows
 
 
 def formula_params(c: int, window: int = 100, patches=(2, 5, 10), d: int = 256, layers: int = 3) -> int:

@@ -9,7 +9,7 @@ import torch
 
 import adapters
 from baselines.deepsvdd import DeepSVDD
-from tests.helpers import train_on_synthetic
+from tests.helpers import n_params, train_on_synthetic
 
 # Small, fast training configuration for the synthetic acceptance runs (about 75 Adam steps).
 TRAIN = dict(build=dict(hidden=32, n_layers=2, rep_dim=16), epochs=2, batch=16, lr=3e-3,
@@ -17,19 +17,6 @@ TRAIN = dict(build=dict(hidden=32, n_layers=2, rep_dim=16), epochs=2, batch=16, 
 # Measured with TRAIN (seed 0): plain 0.824, wrapped 0.817; the same model untrained (lr = 0)
 # gives 0.683 and a sign-flipped score 0.18, so this bound separates a model that learned.
 AUROC_BOUND = 0.75
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Time the tests on one core (the acceptance budget) and keep the machine's cores free."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("channels, expected", [(55, 275_072), (25, 263_552)])

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import adapters
 from baselines.omnianomaly import OmniAnomaly, PlanarFlow, gaussian_log_prob, lgssm_log_prob
-from tests.helpers import train_on_synthetic
+from tests.helpers import n_params, train_on_synthetic
 
 # Small, fast training configuration for the synthetic acceptance runs (111 Adam steps).
 TRAIN = dict(build=dict(rnn_hidden=32, dense_dim=32, nf_layers=4), epochs=3, batch=16, lr=1e-2,
@@ -18,19 +18,6 @@ TRAIN = dict(build=dict(rnn_hidden=32, dense_dim=32, nf_layers=4), epochs=3, bat
 # Measured with TRAIN (seed 0): plain 0.80, wrapped about 0.84; untrained (lr = 0) 0.63, a
 # sign-flipped score 0.21, so the bound separates a model that learned the normal data.
 AUROC_BOUND = 0.72
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Time the tests on one core (the acceptance budget) and keep the machine's cores free."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("channels, expected", [(55, 2_653_274), (25, 2_578_214)])

@@ -10,7 +10,7 @@ import torch
 import adapters
 from adapters.usad import USADAdapter
 from baselines.usad import USAD
-from tests.helpers import train_on_synthetic
+from tests.helpers import n_params, train_on_synthetic
 
 # Short synthetic runs. Seed 1's data is the discriminating one: there a constant
 # reconstruction (0, 0.5 or 1) scores AUROC <= 0.535 and the per-position train mean 0.512,
@@ -21,19 +21,6 @@ TRAIN = dict(build=dict(hidden_size=4), epochs=1, stride=5, lr=3e-3, seed=1)
 # (epochs=0) gives 0.510 and a sign-flipped score 0.233.
 PLAIN_BOUND = 0.70
 WRAPPED_BOUND = 0.62
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Time the tests on one core (the acceptance budget) and keep the machine's cores free."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def n_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def usad_param_count(window: int, channels: int, hidden: int) -> int:

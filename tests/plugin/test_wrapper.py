@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from madcluster_plugin import MADClusterModel, madcluster, wrap
+from tests.helpers import n_params
 
 
 class GRUDetector(nn.Module):
@@ -53,10 +54,6 @@ class ConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv1(x)
-
-
-def n_params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
 
 
 def test_forward_bit_identical_and_parameter_delta() -> None:
