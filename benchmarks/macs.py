@@ -348,11 +348,11 @@ def head_macs_analytic(batch: int, steps: int, dim: int, n_clusters: int = 1,
     """MACs of the MADCluster head's forward on ``h`` of shape ``[batch, steps, dim]``.
 
     Cosine assignment (K = 1, METHOD.md 1.3, and the released code's target for any K): per
-    point and centre the dot product <h_t, c_j> (D MACs) and the squared distance
+    point and centre the dot product <h_t/||h_t||, c_j/||c_j||> (D MACs) and the squared distance
     ||h_t - c_j||^2 of the mapping term (eq. A27; D: one multiply-accumulate per squared
-    difference, the subtraction is not a MAC); per point the norm ||h_t|| (D); per forward the
-    centre norms ||c_j|| and the scaling of the centres to unit length (2*K*D). Total
-    ``B*T*(2KD + D) + 2KD`` (``B*T*3D + 2D`` for K = 1).
+    difference, the subtraction is not a MAC); per point the norm ||h_t|| and the scaling of h_t
+    to unit length (2D); per forward the centre norms and their scaling (2*K*D). Total
+    ``B*T*(2KD + 2D) + 2KD`` (``B*T*4D + 2D`` for K = 1).
 
     Student-t assignment (K > 1 with the paper's target, appendix eqs. A25-A28): only the K
     squared distances per point, ``B*T*K*D``; q, p, the KL and the score reuse them.
@@ -367,5 +367,5 @@ def head_macs_analytic(batch: int, steps: int, dim: int, n_clusters: int = 1,
         raise ValueError(f"target={target!r}; expected 'paper' or 'code' (MADClusterConfig.target)")
     k = n_clusters
     if k == 1 or target == "code":
-        return batch * steps * (2 * k * dim + dim) + 2 * k * dim
+        return batch * steps * (2 * k * dim + 2 * dim) + 2 * k * dim
     return batch * steps * k * dim

@@ -227,12 +227,12 @@ def kmeans(x: Tensor, k: int, n_iter: int = 25, seed: int = 0) -> Tensor:
 def head_macs(batch: int, steps: int, dim: int, n_clusters: int = 1) -> int:
     """Multiply-accumulates of one head forward with the cosine assignment (ECOSYSTEM.md 2.3).
 
-    Per point and centre: squared distance (D) and dot product (D); per point the norm of h (D);
-    once per forward the centre norms and their scaling to unit length (2*K*D). Element-wise
+    Per point and centre: squared distance (D) and dot product (D); per point the norm of h and
+    its scaling to unit length (2D); once per forward the centre norms and their scaling (2*K*D). Element-wise
     terms (logs, thresholds) are not MACs. ``benchmarks.macs.head_macs_analytic`` also covers
     the Student-t path of K > 1.
     """
-    return int(batch * steps * (2 * n_clusters * dim + dim) + 2 * n_clusters * dim)
+    return int(batch * steps * (2 * n_clusters * dim + 2 * dim) + 2 * n_clusters * dim)
 
 
 __all__ = ["HeadOutput", "MADClusterHead", "head_macs", "kmeans"]

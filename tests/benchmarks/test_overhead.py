@@ -182,7 +182,7 @@ def test_head_macs_analytic_matches_the_real_head(k: int, target: str) -> None:
     head = MADClusterHead(d, n_clusters=k, target=target, check_finite=False)
     assert _instrumented_head_macs(head, torch.randn(b, t, d)) == head_macs_analytic(b, t, d, k, target)
     if k == 1:
-        assert head_macs_analytic(b, t, d) == head_macs(b, t, d) == b * t * 3 * d + 2 * d
+        assert head_macs_analytic(b, t, d) == head_macs(b, t, d) == b * t * 4 * d + 2 * d
 
 
 @pytest.mark.parametrize("k", [1, 3])
@@ -245,7 +245,7 @@ def test_cli_on_cpu(tmp_path) -> None:
     gru = 16 * 3 * 128 * ((4 + 128) + 2 * (128 + 128))
     assert int(row["macs_plain"]) == gru + 16 * 128 * 64
     assert int(row["macs_wrapped"]) - int(row["macs_plain"]) == 16 * 64  # the head's cosine matmul
-    assert int(row["head_macs_analytic"]) == 16 * 3 * 64 + 2 * 64
+    assert int(row["head_macs_analytic"]) == 16 * 4 * 64 + 2 * 64
     assert float(row["train_ms_plain"]) > 0 and float(row["infer_ratio"]) > 0
     assert 0 < float(row["head_train_ms"]) < float(row["train_ms_wrapped"])
     assert float(row["paper_macs"]) == pytest.approx(31.81e6)
