@@ -49,6 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from baselines.embedding import DataEmbedding
+
 KL_EPS = 1e-4  # the reference's smoothing inside the logs
 
 
@@ -75,31 +77,6 @@ def row_kl(p: Tensor, q: Tensor) -> Tensor:
 def _kl_from_logs(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
     """``row_kl`` from precomputed smoothed logs (each log is taken once per layer, not per term)."""
     return (p * (log_p - log_q)).sum(-1).mean(1)
-
-
-def sinusoidal_encoding(length: int, d_model: int) -> Tensor:
-    """The Transformer's fixed positional encoding ``[length, d_model]``."""
-    position = torch.arange(length, dtype=torch.float32)[:, None]
-    div = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
-    pe = torch.zeros(length, d_model)
-    pe[:, 0::2] = torch.sin(position * div)
-    pe[:, 1::2] = torch.cos(position * div)[:, : d_model // 2]
-    return pe
-
-
-class DataEmbedding(nn.Module):
-    """Token embedding (Conv1d C -> d, kernel 3, circular padding, no bias) plus sinusoidal positions."""
-
-    def __init__(self, n_channels: int, d_model: int, window: int, dropout: float = 0.0) -> None:
-        super().__init__()
-        self.token = nn.Conv1d(n_channels, d_model, kernel_size=3, padding=1, padding_mode="circular",
-                               bias=False)
-        nn.init.kaiming_normal_(self.token.weight, mode="fan_in", nonlinearity="leaky_relu")
-        self.register_buffer("pe", sinusoidal_encoding(window, d_model), persistent=False)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.token(x.transpose(1, 2)).transpose(1, 2) + self.pe[: x.shape[1]])
 
 
 class AnomalyAttention(nn.Module):
