@@ -63,6 +63,8 @@ class Adapter:
     phases: ClassVar[tuple[str, ...]] = ("main",)
     head_phase: ClassVar[str] = "main"
     weight_decay: ClassVar[float] = 0.0
+    #: clip the global gradient norm of all optimised parameters (head included) before stepping
+    grad_clip_norm: ClassVar[float | None] = None
     #: how gradients are averaged over ranks under DDP: ``"ddp"`` (the model is wrapped in
     #: DistributedDataParallel; needs one backward per forward and a gradient for every
     #: backbone parameter in it), ``"manual"`` (no DDP container; each phase's optimiser averages
@@ -135,6 +137,9 @@ class Adapter:
             total = total + head_loss
             logs["madcluster"] = float(head_loss.detach())
         total.backward()
+        if self.grad_clip_norm is not None:
+            params = [p for opt in optimizers.values() for g in opt.param_groups for p in g["params"]]
+            logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm))
         for opt in optimizers.values():
             opt.step()
         if is_wrapped(inner):

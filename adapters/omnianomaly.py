@@ -12,12 +12,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
-from torch import Tensor, nn
-
 from baselines.omnianomaly import OmniAnomaly
 
-from .base import Adapter, is_wrapped
+from .base import Adapter
 
 
 class OmniAnomalyAdapter(Adapter):
@@ -37,26 +34,3 @@ class OmniAnomalyAdapter(Adapter):
         """OmniAnomaly with the reference defaults (z 3, GRU 500, dense 500, 20 planar layers);
         keyword ``overrides`` go to :class:`~baselines.omnianomaly.OmniAnomaly`."""
         return OmniAnomaly(n_channels, window, **overrides)
-
-    def train_step(self, model: nn.Module, x: Tensor, optimizers: dict[str, torch.optim.Optimizer],
-                   epoch: int) -> dict[str, float]:
-        """The default single-phase step with the reference's gradient-norm clipping before the step."""
-        model.train()
-        for opt in optimizers.values():
-            opt.zero_grad(set_to_none=True)
-        _, terms = self.base_loss(model, x, epoch)
-        total = sum(terms.values())
-        logs = {k: float(v.detach()) for k, v in terms.items()}
-        if is_wrapped(model):
-            head_loss = model.madcluster_loss()
-            total = total + head_loss
-            logs["madcluster"] = float(head_loss.detach())
-        total.backward()
-        params = [p for opt in optimizers.values() for g in opt.param_groups for p in g["params"]]
-        logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip_norm))
-        for opt in optimizers.values():
-            opt.step()
-        if is_wrapped(model):
-            model.after_optimizer_step()
-        logs["total"] = float(total.detach())
-        return logs

@@ -540,6 +540,14 @@ def time_verdict(row: dict[str, Any]) -> str:
     return "met" if row["train_ratio"] <= TIME_TARGET_RATIO else "**missed**"
 
 
+def _first_row_per_model(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per model (the first batch size's): parameters and MACs do not depend on the batch."""
+    firsts: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        firsts.setdefault(r["model"], r)
+    return list(firsts.values())
+
+
 def to_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The report: environment, three tables (size, MACs, time and memory) and notes."""
     out = ["# MADCluster head overhead", ""]
@@ -552,11 +560,7 @@ def to_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     out += ["", "## Parameters", "",
             "| model | D | params plain | params +head | delta | K*D+1 | paper plain | paper +head |",
             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    seen = set()
-    for r in rows:
-        if r["model"] in seen:
-            continue
-        seen.add(r["model"])
+    for r in _first_row_per_model(rows):
         paper = PAPER_TABLE2.get(r["model"], ("-",) * 4)
         ok = "ok" if r["params_delta_ok"] else "**MISMATCH**"
         out.append(f"| {r['model']} | {r['D']} | {r['params_plain']:,} | {r['params_wrapped']:,} | "
@@ -568,11 +572,7 @@ def to_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
             "count in the paper's convention (no functional matmul/einsum).", "",
             "| model | MACs plain | MACs +head | delta % | head (analytic) | head % | hook plain | hook +head | paper | counted on | <= 0.5% |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
-    seen = set()
-    for r in rows:
-        if r["model"] in seen:
-            continue
-        seen.add(r["model"])
+    for r in _first_row_per_model(rows):
         paper = PAPER_TABLE2.get(r["model"], ("-",) * 4)
         out.append(f"| {r['model']} | {human(r['macs_plain'])} | {human(r['macs_wrapped'])} | "
                    f"{r['macs_delta_pct']:.4f} | {human(r['head_macs_analytic'])} | {r['head_macs_pct']:.4f} | "
