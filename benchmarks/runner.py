@@ -353,8 +353,8 @@ def train_and_evaluate(spec: RunSpec, entity: Entity, cfg: RunConfig,
     if spec.wrapped:
         # example_input lets wrap() find D by one forward where the module alone does not say it
         example = next(iter_batches(fit, fit_starts[:2], window, 2, device))
-        model = adapter.wrap(model, example_input=example,
-                             **{**profile.head, **cfg.head, **spec.head_overrides()})
+        model = adapter.wrap(model, example_input=example, **{
+            **profile.wrap_options_for(spec.model), **profile.head, **cfg.head, **spec.head_overrides()})
     model = model.to(device)
     backbone = backbone_of(model)
     n_params = sum(p.numel() for p in model.parameters())

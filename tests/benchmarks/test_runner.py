@@ -210,3 +210,29 @@ def test_overhead_subcommand_is_dispatched(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr(benchmarks, "overhead", fake, raising=False)
     assert main(["overhead", "--models", "deepsvdd"]) == 7
     assert seen == [["--models", "deepsvdd"]]
+
+
+def test_profile_wrap_options_reach_the_adapter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both built-in profiles attach DCdetector's head at ``x_ori``, and the runner passes a
+    profile's per-model wrap options to ``adapter.wrap``."""
+    from adapters.dcdetector import DCdetectorAdapter
+    from benchmarks.profiles import PROFILES
+
+    assert all(p.wrap_options_for("dcdetector") == {"attach": "x_ori"} for p in PROFILES.values())
+    assert all(p.wrap_options_for("deepsvdd") == {} for p in PROFILES.values())
+    hidden: list[str] = []
+    original = DCdetectorAdapter.wrap
+
+    def recording_wrap(self, model, **kwargs):
+        wrapped = original(self, model, **kwargs)
+        hidden.append(wrapped.hidden_spec)
+        return wrapped
+
+    monkeypatch.setattr(DCdetectorAdapter, "wrap", recording_wrap)
+    profile = TINY.with_overrides(
+        epochs=1, widths={"dcdetector": {"d_model": 16, "e_layers": 1, "patch_sizes": (5, 10)}},
+        wrap_options=PROFILES["quick"].wrap_options)
+    cfg = RunConfig(profile)
+    store = ResultStore(tmp_path, {"command": "compare", **cfg.to_dict()})
+    run_grid([RunSpec("synthetic", "syn-0", "dcdetector", "madcluster", 0)], cfg, store)
+    assert hidden == ["window_embedding"]
