@@ -184,17 +184,22 @@ def _delta_lines(rows: Sequence[dict[str, Any]], dataset: str) -> list[str]:
         ref_b, ref_m = compare_reference(dataset, model, "base"), compare_reference(dataset, model, "madcluster")
         paper_d = (f"{ref_m['vus_pr'] - ref_b['vus_pr']:+.2f}" if "vus_pr" in ref_b and "vus_pr" in ref_m
                    else "-")
+        by_seed = _group([{"seed": b1["seed"], "d": b2["vus_pr"] - b1["vus_pr"]} for b1, b2 in pairs], ["seed"])
+        per_seed = " / ".join(f"{np.nanmean([x['d'] for x in by_seed[k]]):+.3f}"
+                              for k in sorted(by_seed, key=lambda k: _natural(str(k[0]))))
+        higher = sum(b2["vus_pr"] > b1["vus_pr"] for b1, b2 in pairs)
         up = deltas["vus_pr"] > 0
         helped += int(up)
         total += 1
-        body.append([model, str(len(pairs)), *(f"{deltas[m]:+.3f}" for m in deltas), paper_d,
-                     "yes" if up else "no"])
+        body.append([model, str(len(pairs)), *(f"{deltas[m]:+.3f}" for m in deltas), per_seed,
+                     f"{higher}/{len(pairs)}", paper_d, "yes" if up else "no"])
     if not body:
         return []
     return [f"MADCluster minus base ({dataset}, paired by entity and seed): VUS-PR higher for "
             f"{helped} of {total} backbones.", "",
             *_md_table(["model", "pairs", "Δ F1", "Δ F1@val", "Δ VUS-ROC", "Δ VUS-PR", "Δ R-AUC-PR",
-                        "Δ hidden std", "Δ VUS-PR (paper)", "VUS-PR up"], body)]
+                        "Δ hidden std", "Δ VUS-PR per seed", "pairs with higher VUS-PR",
+                        "Δ VUS-PR (paper)", "VUS-PR up"], body)]
 
 
 def sweep_table(rows: Sequence[dict[str, Any]], by: str) -> str:
