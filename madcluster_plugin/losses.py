@@ -12,18 +12,20 @@ from torch import Tensor
 
 Q_FLOOR = 1e-6   # the released code clamps q and p at 1e-6 (SOLVER L22-23)
 LOG_CAP = 1e6    # ...and the arguments of both logs at 1e6 (SOLVER L29-30)
+COSINE_EPS = 1e-8  # F.cosine_similarity's norm floor, as the released ClusteringLayer
 
 
 def _inverse_norm(x: Tensor) -> Tensor:
-    """``1 / ||x||`` along the last axis, and 1 for an exactly zero (or underflowing) vector.
+    """``1 / max(||x||, 1e-8)`` along the last axis: the released code's ``F.cosine_similarity``.
 
-    Any non-zero vector gets its true direction, however small (a fixed floor such as
-    ``F.cosine_similarity``'s eps would shrink the cosine of vectors with norm below it towards
-    0); a zero vector gets cosine 0, i.e. q = 1/2, with finite gradients. Norms overflow in
-    float32 only past about 1e19, where squared distances have overflowed already.
+    The floor matters for the gradient, not the value: ``d(x / ||x||)/dx`` grows like ``1/||x||``,
+    and a hidden vector of norm 5e-20 (a bias-free DeepSVDD on an all-zero MSL window, D-14) gave
+    an infinite gradient in float32 and NaN weights after one step. With the floor, a vector
+    shorter than 1e-8 has its cosine shrunk towards 0 (q towards 1/2), exactly as in the code,
+    and every gradient stays finite; a zero vector gets q = 1/2.
     """
     norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return torch.where(norm > 0, norm, torch.ones_like(norm)).reciprocal()
+    return norm.clamp_min(COSINE_EPS).reciprocal()
 
 
 def cosine_assignment(h: Tensor, centers: Tensor) -> Tensor:

@@ -190,3 +190,19 @@ def test_no_nan_or_inf_property(scale: float, nu: float, k: int, target: str, ob
     # q exactly 0 and 1: hidden states opposite to and aligned with the centre
     c = head.centers.detach()[0]
     _finite_everything(head, torch.stack([c, -c, torch.zeros_like(c)]).unsqueeze(0) * max(scale, 1e-3))
+
+
+@pytest.mark.parametrize("norm", [0.0, 1e-30, 5e-20, 1e-9, 1e-6, 1.0])
+def test_tiny_hidden_vectors_give_finite_gradients_and_the_codes_cosine(norm: float) -> None:
+    """K = 1 on hidden vectors of tiny norm, in float32 (a bias-free DeepSVDD gave ||h|| = 5e-20
+    on an all-zero MSL window and, without a norm floor, an infinite gradient): every gradient is
+    finite and q equals the released code's ``(1 + F.cosine_similarity(h, c)) / 2`` (eps 1e-8)."""
+    torch.manual_seed(0)
+    head = MADClusterHead(6, init_threshold=0.5)
+    direction = torch.randn(2, 5, 6)
+    h = direction / direction.norm(dim=-1, keepdim=True) * norm
+    h[0, 0] = 1.0  # one ordinary vector in the batch
+    _finite_everything(head, h)
+    q = head(h).q[..., 0]
+    expected = (1 + torch.nn.functional.cosine_similarity(h, head.centers.detach()[0].expand_as(h), dim=-1)) / 2
+    assert torch.allclose(q, expected, atol=1e-6)
