@@ -73,6 +73,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="torch threads (default 1 on CPU: on a small or shared machine more "
                             "threads are often many times slower; to use several cores run several "
                             "processes with disjoint --entities and the same --out)")
+        s.add_argument("--keep-going", action="store_true",
+                       help="when a run fails (e.g. a diverged model), record it in failures.jsonl "
+                            "and go on instead of stopping; the exit status is then 1, and a resumed "
+                            "grid tries the failed runs again")
         s.add_argument("--no-plots", action="store_true")
         s.add_argument("--no-progress", action="store_true")
         s.add_argument("--save-checkpoints", action="store_true",
@@ -165,7 +169,7 @@ def _run_grid_command(args: argparse.Namespace, argv: Sequence[str], ctx: Any, d
     from . import distributed
     from .profiles import get_profile
     from .reports import render_table, write_plots, write_table
-    from .runner import ResultStore, RunConfig, run_grid
+    from .runner import ResultStore, RunConfig, run_grid, unresolved_failures
 
     threads = args.threads or (1 if device == "cpu" else None)
     if threads:
@@ -191,8 +195,12 @@ def _run_grid_command(args: argparse.Namespace, argv: Sequence[str], ctx: Any, d
         print(f"{args.command}: {len(specs)} runs ({len(specs) - sum(store.is_done(s) for s in specs)} "
               f"to do), profile {profile.name}, protocol {args.protocol}, device {label} -> {out}")
     t0 = time.perf_counter()
+    if args.keep_going and ctx.active:
+        raise SystemExit("error: --keep-going is not supported under torchrun (a rank failing alone "
+                         "would leave the others waiting); run without it and resume after a failure")
     run_grid(specs, cfg, store, args.data_dir, progress=not args.no_progress,
-             after_row=lambda st: write_table(st.out, args.command, config, command_line))
+             after_row=lambda st: write_table(st.out, args.command, config, command_line),
+             keep_going=args.keep_going)
     wall = time.perf_counter() - t0
     if not ctx.main:
         return 0
@@ -202,6 +210,13 @@ def _run_grid_command(args: argparse.Namespace, argv: Sequence[str], ctx: Any, d
     if table is not None:
         print()
         print(render_table(args.command, _reload(out), config, command_line))
+    failed = unresolved_failures(out)
+    if failed:
+        print(f"\n{len(failed)} run(s) failed and have no row (see {store.failures_path}):", file=sys.stderr)
+        for f in failed:
+            print(f"  {f['dataset']}/{f['entity']} {f['model']} {f['variant']} seed {f['seed']}: "
+                  f"{f['error']}: {f['message']}", file=sys.stderr)
+        return 1
     return 0
 
 

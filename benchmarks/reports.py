@@ -270,7 +270,15 @@ def write_table(out: str | os.PathLike, command: str, config: dict[str, Any] | N
     out = Path(out)
     if not (out / "rows.csv").exists():
         return None
+    from .runner import unresolved_failures
+
     text = render_table(command, load_rows(out / "rows.csv"), config, command_line)
+    failed = unresolved_failures(out)
+    if failed:
+        listed = "; ".join(f"{f['dataset']}/{f['entity']} {f['model']} {f['variant']} seed {f['seed']} "
+                           f"({f['error']})" for f in failed)
+        text += (f"\n**{len(failed)} run(s) failed and are missing from this table** "
+                 f"(failures.jsonl): {listed}. Means and paired deltas use the runs present.\n")
     path = out / "table.md"
     tmp = out / "table.md.tmp"
     tmp.write_text(text)

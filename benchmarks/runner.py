@@ -61,6 +61,7 @@ KEY_COLUMNS = ("dataset", "entity", "model", "variant", "seed", "n_clusters")
 METRIC_COLUMNS = ("f1", "precision", "recall", "threshold", "f1_val", "precision_val", "recall_val",
                   "threshold_val", "pa_f1", "aff_p", "aff_r", "vus_roc", "vus_pr", "r_auc_roc",
                   "r_auc_pr", "auc_roc", "auc_pr", "f1_floor")
+FAILURES_FILE = "failures.jsonl"
 COLUMNS = (*KEY_COLUMNS, *METRIC_COLUMNS, "nu_final", "hidden_std", "best_epoch", "epochs_run",
            "best_val_loss", "n_params", "train_seconds", "score_seconds", "eval_seconds",
            "protocol", "profile", "combine", "device")
@@ -580,6 +581,50 @@ class ResultStore:
         self.done.add(spec.key())
 
 
+    @property
+    def failures_path(self) -> Path:
+        return self.out / FAILURES_FILE
+
+    def add_failure(self, spec: RunSpec, exc: BaseException) -> None:
+        """Append one JSON line (key, error type, message, time) to ``failures.jsonl``, fsynced.
+
+        A failed run has no row, so a resumed grid tries it again."""
+        if not self.writer:
+            return
+        record = {**spec_dict(spec), "error": type(exc).__name__, "message": str(exc),
+                  "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        fd = os.open(self.failures_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, (json.dumps(record, default=str) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def unresolved_failures(out: str | os.PathLike) -> list[dict[str, Any]]:
+    """The runs in ``out/failures.jsonl`` that have no row in ``rows.csv`` (a later success wins)."""
+    out = Path(out)
+    path = out / FAILURES_FILE
+    if not path.exists():
+        return []
+    done: set[tuple[str, ...]] = set()
+    if (out / "rows.csv").exists():
+        with open(out / "rows.csv", newline="") as fh:
+            done = {tuple(r[c] for c in KEY_COLUMNS) for r in csv.DictReader(fh)}
+    latest: dict[tuple[str, ...], dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a torn last line from a killed writer
+            continue
+        key = tuple(_format(record.get(c, "")) for c in KEY_COLUMNS)
+        if key not in done:
+            latest[key] = record
+    return list(latest.values())
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as fh:
@@ -594,14 +639,21 @@ def _atomic_write_text(path: Path, text: str) -> None:
 # ---------------------------------------------------------------------------------------------
 def run_grid(specs: Sequence[RunSpec], cfg: RunConfig, store: ResultStore,
              data_dir: str | os.PathLike | None = None, progress: bool = False,
-             after_row: Callable[[ResultStore], None] | None = None) -> int:
+             after_row: Callable[[ResultStore], None] | None = None, keep_going: bool = False) -> int:
     """Run every spec not yet in ``store``; returns the number of runs done now.
 
-    Entities are loaded one at a time (runs are ordered by dataset and entity).
+    Entities are loaded one at a time (runs are ordered by dataset and entity). A run that raises
+    stops the grid (its finished rows are kept), unless ``keep_going``: then the error is logged
+    and recorded in ``failures.jsonl`` (:meth:`ResultStore.add_failure`) and the grid goes on;
+    the failed run has no row and is tried again when the grid is resumed. ``keep_going`` is
+    refused under torchrun, where one rank failing alone would leave the others waiting.
     ``progress=True`` shows tqdm bars (overall and per run); ``after_row(store)`` is called after
     each stored row (the CLI regenerates ``table.md`` there, so a killed grid has a current table).
     """
     ctx = distributed.context()
+    if keep_going and ctx.active:
+        raise ValueError("keep_going is not supported under torchrun (a rank failing alone would "
+                         "leave the others waiting); run without it and resume after a failure")
     todo = [s for s in specs if not store.is_done(s)]
     if ctx.main:
         log.info("%d runs requested, %d already in %s, %d to do", len(specs), len(specs) - len(todo),
@@ -620,7 +672,17 @@ def run_grid(specs: Sequence[RunSpec], cfg: RunConfig, store: ResultStore,
                 cache = (ek, load_entity(spec.dataset, spec.entity, data_dir))
             if overall is not None:
                 overall.set_postfix_str(f"{spec.dataset}/{spec.entity} {spec.slug()}")
-            result = train_and_evaluate(spec, cache[1], cfg, epoch_bar)
+            try:
+                result = train_and_evaluate(spec, cache[1], cfg, epoch_bar)
+            except Exception as exc:
+                if not keep_going:
+                    raise
+                log.error("%s/%s %s failed (%s: %s); recorded in %s, going on", spec.dataset,
+                          spec.entity, spec.slug(), type(exc).__name__, exc, store.failures_path)
+                store.add_failure(spec, exc)
+                if overall is not None:
+                    overall.update(1)
+                continue
             store.add(spec, result)
             done_now += 1
             if ctx.main:

@@ -236,3 +236,35 @@ def test_profile_wrap_options_reach_the_adapter(tmp_path: Path, monkeypatch: pyt
     store = ResultStore(tmp_path, {"command": "compare", **cfg.to_dict()})
     run_grid([RunSpec("synthetic", "syn-0", "dcdetector", "madcluster", 0)], cfg, store)
     assert hidden == ["window_embedding"]
+
+
+def test_keep_going_records_a_failed_run_and_a_resume_retries_it(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --keep-going a failing run stops the grid; with it the failure is recorded in
+    failures.jsonl, named in table.md and on stderr (exit 1), the other runs finish, and a
+    resumed grid tries the failed run again (then the failure no longer counts)."""
+    out = tmp_path / "run"
+    argv = ["compare", "--models", "dummy", "--entities", "syn-0", "--seeds", "0", "1",
+            "--epochs", "1", "--out", str(out), "--no-plots", "--no-progress"]
+    real = runner.train_and_evaluate
+
+    def diverge_on_seed1_madcluster(spec, *a, **k):
+        if spec.seed == 1 and spec.variant == "madcluster":
+            raise ValueError("hidden state holds 3 NaN/Inf value(s)")
+        return real(spec, *a, **k)
+
+    monkeypatch.setattr(runner, "train_and_evaluate", diverge_on_seed1_madcluster)
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        main(argv)
+    assert len(_keys(out / "rows.csv")) == 3  # seed 0 both variants, seed 1 base: kept
+    assert not (out / "failures.jsonl").exists()
+    assert main([*argv, "--keep-going"]) == 1
+    (record,) = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert (record["seed"], record["variant"], record["error"]) == (1, "madcluster", "ValueError")
+    assert "1 run(s) failed and are missing from this table" in (out / "table.md").read_text()
+    assert len(runner.unresolved_failures(out)) == 1
+    monkeypatch.setattr(runner, "train_and_evaluate", real)
+    assert main(argv) == 0  # the resumed grid retries and completes it
+    assert len(_keys(out / "rows.csv")) == 4
+    assert runner.unresolved_failures(out) == []
+    assert "failed" not in (out / "table.md").read_text()
