@@ -280,7 +280,7 @@ def write_table(out: str | os.PathLike, command: str, config: dict[str, Any] | N
         text += (f"\n**{len(failed)} run(s) failed and are missing from this table** "
                  f"(failures.jsonl): {listed}. Means and paired deltas use the runs present.\n")
     path = out / "table.md"
-    tmp = out / "table.md.tmp"
+    tmp = out / f"table.md.{os.getpid()}.tmp"  # per process: several processes may share --out
     tmp.write_text(text)
     os.replace(tmp, path)
     return path

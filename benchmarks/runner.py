@@ -626,7 +626,7 @@ def unresolved_failures(out: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: several may share --out
     with open(tmp, "w") as fh:
         fh.write(text)
         fh.flush()

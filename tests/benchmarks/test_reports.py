@@ -32,3 +32,34 @@ def test_delta_table_has_per_seed_means_and_pair_counts() -> None:
     assert cells[-1] == "yes"
     thoc = [c.strip() for c in next(l for l in table.splitlines() if l.startswith("| thoc | 1 |")).strip("|").split("|")]
     assert thoc[5] == "-0.100" and thoc[9] == "0/1" and thoc[-1] == "no"
+
+
+def test_two_processes_writing_table_md_do_not_collide(tmp_path, monkeypatch) -> None:
+    """Processes sharing --out rewrite table.md after each row. Interleave two of them: B writes
+    and renames its table while A is between writing its temporary file and renaming it (the
+    race that stopped half of a two-process MSL grid when both used one temporary name)."""
+    import os
+
+    from benchmarks import reports
+    from benchmarks.runner import COLUMNS
+
+    rows = [_row("deepsvdd", v, "a", 0, 0.3) for v in ("base", "madcluster")]
+    with open(tmp_path / "rows.csv", "w") as fh:
+        fh.write(",".join(COLUMNS) + "\n")
+        for r in rows:
+            fh.write(",".join(str(r.get(c, "")) for c in COLUMNS) + "\n")
+    real_replace, real_getpid = os.replace, os.getpid
+    state = {"nested": False}
+
+    def interleaved_replace(src, dst):
+        if not state["nested"]:
+            state["nested"] = True
+            monkeypatch.setattr(os, "getpid", lambda: real_getpid() + 1)  # "process B"
+            reports.write_table(tmp_path, "compare")
+            monkeypatch.setattr(os, "getpid", real_getpid)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", interleaved_replace)
+    assert reports.write_table(tmp_path, "compare") == tmp_path / "table.md"
+    assert "deepsvdd" in (tmp_path / "table.md").read_text()
+    assert not list(tmp_path.glob("*.tmp"))
