@@ -69,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--combine", default="sum", choices=("sum", "product", "head", "base"),
                        help="score of wrapped models (default: sum of train-standardised scores)")
         s.add_argument("--epochs", type=int, default=None, help="override the profile's epochs")
+        s.add_argument("--wrap", nargs="+", default=None, metavar="MODEL:KEY=VALUE",
+                       help="options of a model's adapter.wrap() on top of the profile's, e.g. "
+                            "thoc:hidden=drnn.layers.0 or dcdetector:attach=query (values are read "
+                            "as JSON when they parse, else as text)")
         s.add_argument("--threads", type=int, default=None,
                        help="torch threads (default 1 on CPU: on a small or shared machine more "
                             "threads are often many times slower; to use several cores run several "
@@ -93,6 +97,28 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True)
     r.add_argument("--no-plots", action="store_true")
     return p
+
+
+def parse_wrap_options(items: Sequence[str] | None,
+                       base: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """``["thoc:hidden=drnn.layers.0", ...]`` merged over ``base`` (a profile's wrap options)."""
+    import adapters
+
+    out = {model: dict(opts) for model, opts in (base or {}).items()}
+    for item in items or ():
+        model, sep, assignment = item.partition(":")
+        key, eq, raw = assignment.partition("=")
+        if not sep or not eq or not key:
+            raise ValueError(f"--wrap {item!r}: expected MODEL:KEY=VALUE, e.g. thoc:hidden=drnn.layers.0")
+        model = model.lower().replace("-", "_")
+        if model not in adapters.names():
+            raise ValueError(f"--wrap {item!r}: unknown model {model!r}; choose from {', '.join(adapters.names())}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.setdefault(model, {})[key] = value
+    return out
 
 
 def _models(arg: Sequence[str] | None, command: str) -> list[str]:
@@ -175,6 +201,10 @@ def _run_grid_command(args: argparse.Namespace, argv: Sequence[str], ctx: Any, d
     if threads:
         torch.set_num_threads(threads)
     profile = get_profile(args.profile).with_overrides(epochs=args.epochs)
+    try:
+        profile = profile.with_overrides(wrap_options=parse_wrap_options(args.wrap, profile.wrap_options))
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
     cfg = RunConfig(profile=profile, protocol=args.protocol, combine=args.combine, device=device)
     out = Path(args.out or f"runs/{args.command}-{time.strftime('%Y%m%d-%H%M%S')}")
     if ctx.active:  # the default folder name has a timestamp: take rank 0's

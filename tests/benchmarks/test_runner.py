@@ -268,3 +268,20 @@ def test_keep_going_records_a_failed_run_and_a_resume_retries_it(tmp_path: Path,
     assert len(_keys(out / "rows.csv")) == 4
     assert runner.unresolved_failures(out) == []
     assert "failed" not in (out / "table.md").read_text()
+
+
+def test_wrap_option_flag_parses_and_merges_over_the_profile() -> None:
+    from benchmarks.__main__ import parse_wrap_options
+    from benchmarks.profiles import PROFILES
+
+    merged = parse_wrap_options(["thoc:hidden=drnn.layers.0", "DCdetector:attach=query", "usad:n_clusters=2"],
+                                PROFILES["quick"].wrap_options)
+    assert merged == {"thoc": {"hidden": "drnn.layers.0"}, "dcdetector": {"attach": "query"},
+                      "usad": {"n_clusters": 2}}
+    assert PROFILES["quick"].wrap_options == {"dcdetector": {"attach": "x_ori"}}  # not mutated
+    for bad, match in (("thoc", "MODEL:KEY=VALUE"), ("thoc:hidden", "MODEL:KEY=VALUE"),
+                       ("nomodel:hidden=x", "unknown model")):
+        with pytest.raises(ValueError, match=match):
+            parse_wrap_options([bad])
+    with pytest.raises(SystemExit, match="MODEL:KEY=VALUE"):
+        main(["compare", "--models", "dummy", "--wrap", "thoc=1", "--no-plots", "--no-progress"])
