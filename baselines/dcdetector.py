@@ -78,7 +78,9 @@ What we changed (and why):
     instead of at ``d = 256``, so the per-token ``d x d`` query/key projections disappear (96% of
     the reference's multiply-adds at the released configuration; the discarded value projections
     below are another 3%). With embedding dropout active, the bilinear form still
-    needs one ``d x d`` product per token instead of two (single head).
+    needs one ``d x d`` product per token instead of two (single head), and
+    :class:`DroppedBilinearLogits` keeps only that product, the unfolded inputs and a bool mask
+    for the backward pass (dropout masks are bool throughout: :func:`keep_mask`).
 * Kept for the parameter count though no loss uses them (BASELINES.md section 7): the window
   embedding ``x_ori`` (``window_embedding``, the MADCluster code's attachment point, computed in
   every forward but never trained by the DCdetector loss), each layer's value and output
@@ -138,6 +140,89 @@ def inpatch_tokens(x: Tensor, p: int, layout: str = "strided") -> Tensor:
 def circular_unfold(u: Tensor) -> Tensor:
     """``[N, m, f] -> [N, m, 3f]``: the values under a circular kernel-3 conv, ``[u_{l-1}, u_l, u_{l+1}]``."""
     return torch.cat([u.roll(1, dims=1), u, u.roll(-1, dims=1)], dim=-1)
+
+
+def keep_mask(shape: tuple[int, ...], p: float, device: torch.device | str = "cpu") -> Tensor:
+    """A dropout keep-mask: independent ``True`` with probability ``1 - p`` (bool, 1 byte/element)."""
+    return torch.rand(shape, device=device) < (1.0 - p)
+
+
+class DroppedBilinearLogits(torch.autograd.Function):
+    """Attention logits of dropped-out token embeddings, keeping a bool mask instead of embeddings.
+
+    ``apply(z [N, m, y], g [y, d], pos [m, d], a [K, d, d], w [K, d], keep [N, m, d], scale, batch)``
+    with ``e = (z g + pos) * keep * scale`` (the conv embedding as a product on the unfolded
+    values, then dropout) returns ``logits [N, m, K, m]`` with ``logits[n, i, k, j] = e_i A_k e_j +
+    w_k e_j`` (= ``Q K^T / sqrt(E)`` up to terms constant along the softmax axis) and the channel
+    mean of ``e`` ``[batch, m, d]``. The same numbers as the autograd composition (tested), with
+    the same three ``d x d`` products per token and map (``e A`` forward, ``e^T dG`` and ``dG A^T``
+    backward), but it keeps only ``e A``, the inputs and the bool mask: ``e`` (cheap to recompute
+    from the ``y``-dimensional unfolded values), the dropout noise as floats and per-map gradients
+    of size ``[N, m, K, d]`` are never stored. This is what brings a training step with embedding
+    dropout to a third of the released computation's peak memory (docs/results/dcdetector-speed.md).
+    """
+
+    @staticmethod
+    def _embed(z: Tensor, g: Tensor, pos: Tensor, keep: Tensor, scale: float) -> Tensor:
+        n, m, y = z.shape
+        e = (z.reshape(n * m, y) @ g).view(n, m, -1).add_(pos)
+        return e.mul_(keep).mul_(scale)
+
+    @staticmethod
+    def forward(ctx, z: Tensor, g: Tensor, pos: Tensor, a: Tensor, w: Tensor, keep: Tensor,
+                scale: float, batch: int) -> tuple[Tensor, Tensor]:
+        n, m, _ = z.shape
+        k, d, _ = a.shape
+        e = DroppedBilinearLogits._embed(z, g, pos, keep, scale)
+        fa = (e.view(n * m, d) @ a.permute(1, 0, 2).reshape(d, k * d)).view(n, m * k, d)  # rows (i, k)
+        logits = torch.bmm(fa, e.transpose(1, 2)).view(n, m, k, m)
+        logits.add_((e @ w.T).transpose(1, 2).unsqueeze(1))  # the key-side term w_k e_j
+        ctx.save_for_backward(z, g, pos, a, w, keep, fa)
+        ctx.scale, ctx.batch = scale, batch
+        return logits, e.view(batch, n // batch, m, d).mean(1)
+
+    @staticmethod
+    def backward(ctx, d_logits: Tensor, d_mean: Tensor) -> tuple[Tensor | None, ...]:
+        z, g, pos, a, w, keep, fa = ctx.saved_tensors
+        n, m, y = z.shape
+        k, d, _ = a.shape
+        e = DroppedBilinearLogits._embed(z, g, pos, keep, ctx.scale)
+        e2 = e.view(n * m, d)
+        dl = d_logits.contiguous()  # [n, m (i), k, m (j)]
+        dc = dl.sum(1).transpose(1, 2).reshape(n * m, k)  # d/d(w_k e_j), rows (n, j)
+        dw = dc.T @ e2
+        de = (dc @ w).view(n, m, d)
+        de.baddbmm_(dl.view(n, m * k, m).transpose(1, 2), fa)  # through the keys: sum_(i,k) dl fa_(i,k)
+        da = torch.empty_like(a)
+        de2 = de.view(n * m, d)
+        for map_k in range(k):  # one map at a time: no [N, m, K, d] gradient is ever held
+            dfa = torch.bmm(dl[:, :, map_k], e).view(n * m, d)  # d(e A_k), [n*m, d]
+            torch.mm(e2.T, dfa, out=da[map_k])
+            de2.addmm_(dfa, a[map_k].T)
+        if d_mean is not None:
+            de.view(ctx.batch, n // ctx.batch, m, d).add_(d_mean.unsqueeze(1), alpha=ctx.batch / n)
+        de.mul_(keep).mul_(ctx.scale)
+        dz = (de2 @ g.T).view(n, m, y) if ctx.needs_input_grad[0] else None
+        dg = z.reshape(n * m, y).T @ de2 if ctx.needs_input_grad[1] else None
+        dpos = de.sum(0) if ctx.needs_input_grad[2] else None
+        return dz, dg, dpos, da, dw, None, None, None
+
+
+class SoftmaxDropout(torch.autograd.Function):
+    """``softmax(x, -1) * keep * scale`` keeping the softmax output and a bool mask (not float noise)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, keep: Tensor, scale: float) -> Tensor:
+        y = torch.softmax(x, dim=-1)
+        ctx.save_for_backward(y, keep)
+        ctx.scale = scale
+        return y * keep * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        y, keep = ctx.saved_tensors
+        dy = grad * keep * ctx.scale
+        return y * (dy - (dy * y).sum(-1, keepdim=True)), None, None
 
 
 class DualAttentionLayer(nn.Module):
@@ -277,8 +362,13 @@ class DCdetector(nn.Module):
             logits = torch.baddbmm(base, r, z.transpose(1, 2))
             e_mean = z.unflatten(0, (batch, self.n_channels)).mean(1) @ g + pos
             return logits.view(n_seq, m, k_maps, m), e_mean
+        if self.n_heads == 1 and embed_dropout:  # one d x d product per token instead of two (Q and K)
+            p = emb.dropout.p
+            keep = keep_mask((n_seq, m, self.d_model), p, u.device)
+            return DroppedBilinearLogits.apply(circular_unfold(u), emb.kernel_matrix(), emb.pe[:m], a, w,
+                                               keep, 1.0 / (1.0 - p), batch)
         e = emb(u)  # [N, m, d]
-        if self.n_heads == 1:  # one d x d product per token instead of two (Q and K)
+        if self.n_heads == 1:
             fa = torch.einsum("nmd,kdf->nmkf", e, a) + w
             logits = torch.bmm(fa.view(n_seq, m * k_maps, -1), e.transpose(1, 2)).view(n_seq, m, k_maps, m)
         else:
@@ -294,7 +384,11 @@ class DCdetector(nn.Module):
 
     def _channel_mean_maps(self, logits: Tensor, batch: int) -> Tensor:
         """Softmax (+ attention dropout) per channel, then the channel mean: ``[B, L, H, m, m]``."""
-        maps = self.attn_dropout(torch.softmax(logits, dim=-1))  # [N, m, L*H, m]
+        p = self.attn_dropout.p
+        if self.training and p > 0:  # the same as nn.Dropout, keeping a bool mask
+            maps = SoftmaxDropout.apply(logits, keep_mask(logits.shape, p, logits.device), 1.0 / (1.0 - p))
+        else:
+            maps = torch.softmax(logits, dim=-1)  # [N, m, L*H, m]
         maps = maps.unflatten(0, (batch, self.n_channels)).mean(1).transpose(1, 2)
         return maps.unflatten(1, (self.e_layers, self.n_heads))
 

@@ -10,7 +10,8 @@ import torch
 
 import adapters
 from adapters.dcdetector import ATTACH_POINTS
-from baselines.dcdetector import DCdetector, inpatch_tokens, normalize_window, patch_tokens
+from baselines.dcdetector import (DCdetector, DroppedBilinearLogits, SoftmaxDropout, inpatch_tokens, keep_mask,
+                                  normalize_window, patch_tokens)
 from benchmarks.dcdetector_speed import reference_loss, reference_maps, reference_score
 from benchmarks.synthetic import make_synthetic
 from tests.helpers import n_params, train_on_synthetic, windows
@@ -273,3 +274,67 @@ def test_seeded_runs_give_identical_scores():
     second = train_on_synthetic("dcdetector", True, **kwargs)
     assert np.array_equal(first.scores, second.scores)
     assert first.losses == second.losses
+
+
+def _dropped_reference(z, g, pos, a, w, keep, scale, batch):
+    """The autograd composition DroppedBilinearLogits replaces (embedding, dropout, e A + w, keys)."""
+    e = (z @ g + pos) * keep * scale
+    fa = torch.einsum("nmd,kdf->nmkf", e, a) + w
+    logits = torch.einsum("nikf,njf->nikj", fa, e)
+    return logits, e.unflatten(0, (batch, -1)).mean(1)
+
+
+def test_dropped_bilinear_logits_match_autograd_and_pass_gradcheck():
+    """The embedding-dropout path keeps only a bool mask and ``e A``; its maps equal the composition's
+    (logits differ only by terms constant along the softmax axis) and so do all gradients."""
+    torch.manual_seed(0)
+    n, m, y, d, k, batch = 8, 7, 6, 16, 3, 2
+    dt = torch.float64
+    inputs = [torch.randn(*s, dtype=dt, requires_grad=True) for s in ((n, m, y), (y, d), (m, d), (k, d, d), (k, d))]
+    keep = keep_mask((n, m, d), 0.3)
+    ours = lambda *t: DroppedBilinearLogits.apply(*t, keep, 1 / 0.7, batch)  # noqa: E731
+    assert torch.autograd.gradcheck(ours, tuple(inputs))
+    logits, mean = ours(*inputs)
+    ref_logits, ref_mean = _dropped_reference(*inputs, keep, 1 / 0.7, batch)
+    maps, ref_maps = torch.softmax(logits, -1), torch.softmax(ref_logits, -1)
+    torch.testing.assert_close(maps, ref_maps, rtol=0, atol=1e-12)
+    torch.testing.assert_close(mean, ref_mean, rtol=0, atol=1e-12)
+    probe = torch.randn_like(maps)
+    grads = torch.autograd.grad((maps * probe).sum() + mean.square().sum(), inputs)
+    ref_grads = torch.autograd.grad((ref_maps * probe).sum() + ref_mean.square().sum(), inputs)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-12)
+
+
+def test_softmax_dropout_and_keep_mask():
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, 6, dtype=torch.float64, requires_grad=True)
+    keep = keep_mask(x.shape, 0.25)
+    assert keep.dtype == torch.bool
+    out = SoftmaxDropout.apply(x, keep, 1 / 0.75)
+    torch.testing.assert_close(out, torch.softmax(x, -1) * keep / 0.75, rtol=0, atol=1e-15)
+    assert torch.autograd.gradcheck(lambda t: SoftmaxDropout.apply(t, keep, 1 / 0.75), (x,))
+    big = keep_mask((1000, 1000), 0.1)
+    assert abs(float(big.float().mean()) - 0.9) < 5 * math.sqrt(0.09 / 1e6)  # 5 binomial sd
+
+
+def test_dropout_training_path_is_wired_to_the_same_model(monkeypatch):
+    """With every dropout mask forced to "keep" and p tiny (scale 1 + 1e-7), the training path with
+    embedding dropout gives the maps, losses and gradients of the dropout-free model."""
+    import baselines.dcdetector as dc
+
+    monkeypatch.setattr(dc, "keep_mask", lambda shape, p, device="cpu": torch.ones(shape, dtype=torch.bool))
+    torch.manual_seed(0)
+    kwargs = dict(window=20, patch_sizes=(2, 5), d_model=64, e_layers=2)
+    model, twin = DCdetector(3, dropout=1e-7, **kwargs), DCdetector(3, dropout=0.0, **kwargs)
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(4, 20, 3)
+    outs = [net(x) for net in (model, twin)]
+    for a, b in zip(outs[0].series + outs[0].prior, outs[1].series + outs[1].prior):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    losses = [sum(net.loss(x, out, 0).values()) for net, out in zip((model, twin), outs)]
+    for loss, net in zip(losses, (model, twin)):
+        loss.backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        if p.grad is not None or q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-6, msg=name)
