@@ -9,7 +9,8 @@ head's loss joins that phase). Everything model-specific lives in the baseline i
 from __future__ import annotations
 
 import inspect
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +39,17 @@ def backbone_of(model: nn.Module) -> nn.Module:
 def is_wrapped(model: nn.Module) -> bool:
     """True when ``model`` (or the module inside its DDP / compile container) carries the head."""
     return isinstance(unwrap_model(model), MADClusterModel)
+
+
+@dataclass(frozen=True)
+class AttachPoint:
+    """A named attachment point: the module, its layout, the shape it gives (for messages) and, when
+    the module alone does not say it, how to read ``D`` from the backbone."""
+
+    hidden: str
+    layout: str
+    shape: str
+    dim: Callable[[nn.Module], int] | None = None
 
 
 class Adapter:
@@ -71,13 +83,45 @@ class Adapter:
     #: its gradients before stepping) or ``None``: ``"manual"`` when a subclass overrides
     #: :meth:`train_step` (several phases, several backward passes), else ``"ddp"``.
     grad_sync: ClassVar[str | None] = None
+    #: named alternatives to ``hidden`` (``wrap(model, attach=name)``); empty: one attachment point
+    attach_points: ClassVar[dict[str, AttachPoint]] = {}
+    #: the name in :attr:`attach_points` used when ``wrap()`` gets neither ``attach`` nor ``hidden``
+    default_attach: str | None = None
 
     # ---- construction -------------------------------------------------------------------
     def build(self, n_channels: int, window: int = 100, **overrides: Any) -> nn.Module:
         raise NotImplementedError
 
-    def wrap(self, model: nn.Module, **madcluster_overrides: Any) -> MADClusterModel:
-        """Attach the head at this baseline's attachment point, through the public ``wrap()``."""
+    def check_attach(self, model: nn.Module, attach: str) -> None:
+        """Raise a ValueError when ``model`` cannot give the attachment point ``attach``."""
+
+    def wrap(self, model: nn.Module, attach: str | None = None, **madcluster_overrides: Any) -> MADClusterModel:
+        """Attach the head through the public ``wrap()``: at ``hidden`` if given, else at the named
+        point ``attach`` (:attr:`attach_points`; default :attr:`default_attach`), else at
+        :attr:`hidden`. A named point (also one given by its module name) supplies its layout and D."""
+        point = None
+        if self.attach_points:
+            if attach is not None and "hidden" in madcluster_overrides:
+                raise ValueError("pass either attach= or hidden= to wrap(), not both")
+            if "hidden" in madcluster_overrides:
+                point = next((p for p in self.attach_points.values()
+                              if p.hidden == madcluster_overrides["hidden"]), None)
+            else:
+                attach = attach if attach is not None else self.default_attach
+                if attach not in self.attach_points:
+                    choices = ", ".join(f"{k!r} ({p.shape})" for k, p in self.attach_points.items())
+                    raise ValueError(f"attach={attach!r} is not a {self.name} attachment point; choose "
+                                     f"one of {choices}, or pass hidden=<module name>")
+                self.check_attach(model, attach)
+                point = self.attach_points[attach]
+                madcluster_overrides["hidden"] = point.hidden
+        elif attach is not None:
+            raise ValueError(f"{self.name} has one attachment point ({self.hidden!r}); pass hidden="
+                             f"<module name> to attach elsewhere")
+        if point is not None:
+            madcluster_overrides.setdefault("layout", point.layout)
+            if point.dim is not None:
+                madcluster_overrides.setdefault("dim", point.dim(backbone_of(model)))
         opts: dict[str, Any] = dict(hidden=self.hidden, layout=self.layout, select=self.select,
                                     capture=self.capture)
         for key in ("hidden", "layout", "select", "capture"):

@@ -26,9 +26,12 @@ from baselines.beatgan import D_REINIT_THRESHOLD, BeatGAN
 
 from madcluster_plugin.train import all_reduce_mean, broadcast_module_, is_distributed
 
-from .base import Adapter, backbone_of, is_wrapped
+from .base import Adapter, AttachPoint, backbone_of, is_wrapped
 
-ATTACH = {"latent": ("generator.encoder", "BDT"), "per_step": ("generator.encoder.step_view", "BDT")}
+ATTACH = {
+    "latent": AttachPoint("generator.encoder", "BDT", "[B, 1, nz]", lambda gan: gan.nz),
+    "per_step": AttachPoint("generator.encoder.step_view", "BDT", "[B, T, ndf]", lambda gan: gan.ndf),
+}
 BETAS = (0.5, 0.999)
 
 
@@ -42,28 +45,16 @@ class BeatGANAdapter(Adapter):
     capture = "first"
     phases = ("D", "G")
     head_phase = "G"
+    attach_points = ATTACH  # wrap(model, attach="latent" | "per_step")
+    default_attach = "latent"
 
     def build(self, n_channels: int, window: int = 100, **overrides: Any) -> BeatGAN:
         """A BeatGAN with reference defaults (nz 50, ndf = ngf = 32, sigmoid output)."""
         return BeatGAN(n_channels, window=window, **overrides)
 
-    def wrap(self, model: nn.Module, attach: str = "latent", **madcluster_overrides: Any):
-        """Wrap with the head on the generator: ``attach="latent"`` -> ``[B, 1, nz]``, ``"per_step"`` -> ``[B, T, ndf]``.
-
-        An explicit ``hidden=``/``layout=`` in ``madcluster_overrides`` wins over ``attach``.
-        """
-        if attach not in ATTACH:
-            raise ValueError(f"attach={attach!r} is not a BeatGAN attachment; choose one of "
-                             f"{tuple(ATTACH)} ('latent': [B, 1, nz], 'per_step': [B, T, ndf])")
+    def check_attach(self, model: nn.Module, attach: str) -> None:
         if attach == "per_step" and not backbone_of(model).generator.encoder.with_step_view:
             raise ValueError("attach='per_step' needs the model built with step_view=True")
-        hidden, layout = ATTACH[attach]
-        if "hidden" not in madcluster_overrides:
-            gan = backbone_of(model)
-            madcluster_overrides.setdefault("dim", gan.nz if attach == "latent" else gan.ndf)
-        madcluster_overrides.setdefault("hidden", hidden)
-        madcluster_overrides.setdefault("layout", layout)
-        return super().wrap(model, **madcluster_overrides)
 
     def phase_parameters(self, backbone: nn.Module) -> dict[str, list[nn.Parameter]]:
         return {"D": list(backbone.discriminator.parameters()),

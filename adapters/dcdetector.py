@@ -29,11 +29,15 @@ from typing import Any
 
 from torch import nn
 
-from adapters.base import Adapter, backbone_of, check_build_overrides
+from adapters.base import Adapter, AttachPoint, check_build_overrides
 from baselines.dcdetector import DCdetector
-from madcluster_plugin import MADClusterModel
 
-ATTACH_POINTS = {"query": "patch_representation", "x_ori": "window_embedding"}
+ATTACH_POINTS = {
+    "query": AttachPoint("patch_representation", "BTD", "[B, T, d_model], trained patch representation",
+                         lambda net: net.d_model),
+    "x_ori": AttachPoint("window_embedding", "BTD", "[B, T, d_model], the released code's point",
+                         lambda net: net.d_model),
+}
 
 
 class DCdetectorAdapter(Adapter):
@@ -44,24 +48,21 @@ class DCdetectorAdapter(Adapter):
     """
 
     name = "dcdetector"
-    hidden = ATTACH_POINTS["query"]
+    hidden = ATTACH_POINTS["query"].hidden
     layout = "BTD"
     select = None
     capture = "first"
     phases = ("main",)
     head_phase = "main"
     weight_decay = 0.0
+    attach_points = ATTACH_POINTS
 
     def __init__(self, attach: str = "query") -> None:
-        self.hidden = self._hidden_of(attach)  # instance attribute shadows the class default
-        self.attach = attach
-
-    @staticmethod
-    def _hidden_of(attach: str) -> str:
         if attach not in ATTACH_POINTS:
             raise ValueError(f"attach={attach!r}; expected one of {sorted(ATTACH_POINTS)} "
                              f"(query: trained patch representation, x_ori: MADCluster parity)")
-        return ATTACH_POINTS[attach]
+        self.default_attach = attach
+        self.hidden = ATTACH_POINTS[attach].hidden  # instance attributes shadow the class defaults
 
     def build(self, n_channels: int, window: int = 100, **overrides: Any) -> nn.Module:
         """The released MADCluster configuration (patches 2/5/10, d_model 256, 1 head, 3 layers)
@@ -73,13 +74,3 @@ class DCdetectorAdapter(Adapter):
                 raise ValueError(f"the default patch sizes (2, 5, 10) must divide window={window} "
                                  f"({bad} do not); pass patch_sizes=... made of divisors of {window}")
         return DCdetector(n_channels, window=window, **overrides)
-
-    def wrap(self, model: nn.Module, **madcluster_overrides: Any) -> MADClusterModel:
-        """Attach the head; ``attach="query" | "x_ori"`` picks the point (``hidden=`` also works)."""
-        attach = madcluster_overrides.pop("attach", None)
-        if attach is not None:
-            if "hidden" in madcluster_overrides:
-                raise ValueError("pass either attach= or hidden= to wrap(), not both")
-            madcluster_overrides["hidden"] = self._hidden_of(attach)
-        madcluster_overrides.setdefault("dim", backbone_of(model).d_model)
-        return super().wrap(model, **madcluster_overrides)

@@ -24,9 +24,12 @@ from torch import Tensor, nn
 
 from baselines.usad import USAD
 
-from .base import Adapter, backbone_of, is_wrapped
+from .base import Adapter, AttachPoint, backbone_of, is_wrapped
 
-ATTACH = {"per_step": ("encoder", "BTD"), "window": ("encoder.layers", "BD")}
+ATTACH = {
+    "per_step": AttachPoint("encoder", "BTD", "[B, T, h]", lambda usad: usad.hidden_size),
+    "window": AttachPoint("encoder.layers", "BD", "[B, 1, T*h]", lambda usad: usad.window * usad.hidden_size),
+}
 
 
 class USADAdapter(Adapter):
@@ -39,27 +42,12 @@ class USADAdapter(Adapter):
     capture = "first"
     phases = ("ae1", "ae2")
     head_phase = "ae1"
+    attach_points = ATTACH  # wrap(model, attach="per_step" | "window")
+    default_attach = "per_step"
 
     def build(self, n_channels: int, window: int = 100, **overrides: Any) -> USAD:
         """A USAD with reference defaults (``hidden_size=100``); ``overrides`` go to :class:`USAD`."""
         return USAD(n_channels, window=window, **overrides)
-
-    def wrap(self, model: nn.Module, attach: str = "per_step", **madcluster_overrides: Any):
-        """Wrap with the head on ``E(W)``: ``attach="per_step"`` -> ``[B, T, h]``, ``"window"`` -> ``[B, 1, T*h]``.
-
-        An explicit ``hidden=``/``layout=`` in ``madcluster_overrides`` wins over ``attach``.
-        """
-        if attach not in ATTACH:
-            raise ValueError(f"attach={attach!r} is not a USAD attachment; choose one of "
-                             f"{tuple(ATTACH)} ('per_step': [B, T, h], 'window': [B, 1, T*h])")
-        hidden, layout = ATTACH[attach]
-        usad = backbone_of(model)
-        if "hidden" not in madcluster_overrides:
-            dim = usad.hidden_size if attach == "per_step" else usad.window * usad.hidden_size
-            madcluster_overrides.setdefault("dim", dim)
-        madcluster_overrides.setdefault("hidden", hidden)
-        madcluster_overrides.setdefault("layout", layout)
-        return super().wrap(model, **madcluster_overrides)
 
     def phase_parameters(self, backbone: nn.Module) -> dict[str, list[nn.Parameter]]:
         """``ae1``: encoder + decoder1; ``ae2``: encoder + decoder2 (the encoder is in both, as the reference)."""
