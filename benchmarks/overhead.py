@@ -33,7 +33,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from torch import Tensor, nn
 import adapters
 from adapters.base import backbone_of
 from benchmarks.macs import count_macs, head_macs_analytic
+from madcluster_plugin.files import atomic_write_text
 
 log = logging.getLogger("benchmarks.overhead")
 
@@ -617,22 +617,6 @@ def to_markdown(rows: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
@@ -748,8 +732,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "load": f"{load:.2f} -> {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "n/a",
             "wall_s": time.perf_counter() - t_start}
     md = to_markdown(rows, meta)
-    atomic_write(args.out / "overhead.csv", to_csv(rows))
-    atomic_write(args.out / "overhead.md", md)
+    atomic_write_text(args.out / "overhead.csv", to_csv(rows))
+    atomic_write_text(args.out / "overhead.md", md)
     print(md)
     log.info("wrote %s and %s", args.out / "overhead.csv", args.out / "overhead.md")
     return 0

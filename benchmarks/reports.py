@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from madcluster_plugin.files import atomic_write_text
+
 from .paper_numbers import ablation_reference, clusters_reference, compare_reference
 
 log = logging.getLogger(__name__)
@@ -279,11 +281,7 @@ def write_table(out: str | os.PathLike, command: str, config: dict[str, Any] | N
                            f"({f['error']})" for f in failed)
         text += (f"\n**{len(failed)} run(s) failed and are missing from this table** "
                  f"(failures.jsonl): {listed}. Means and paired deltas use the runs present.\n")
-    path = out / "table.md"
-    tmp = out / f"table.md.{os.getpid()}.tmp"  # per process: several processes may share --out
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(out / "table.md", text)  # several processes may share --out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,6 +296,15 @@ def _pyplot() -> Any:
         raise ImportError("plots need matplotlib: pip install 'madcluster-plugin[bench]' "
                           "(or pass --no-plots)") from exc
     return plt
+
+
+def _save_figure(plt: Any, fig: Any, path: Path) -> Path:
+    """Lay out, write (PNG, 90 dpi) and close ``fig``; returns ``path``."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
 
 
 def _slug(row: dict[str, Any]) -> str:
@@ -349,12 +356,7 @@ def plot_scores(out: Path, rows: Sequence[dict[str, Any]], max_entities: int = 2
                 ax.legend(loc="upper right", fontsize=7)
             axes[-1, 0].set_xlabel("test time index")
             fig.suptitle(f"{ds} / {ent} (seed {int(seed)}): per-point scores, labelled anomalies shaded")
-            fig.tight_layout()
-            path = out / "plots" / f"scores_{ds}_{ent}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path, dpi=90)
-            plt.close(fig)
-            paths.append(path)
+            paths.append(_save_figure(plt, fig, out / "plots" / f"scores_{ds}_{ent}.png"))
     return paths
 
 
@@ -389,12 +391,7 @@ def plot_nu(out: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
         ax.set_ylabel("nu")
         ax.set_title(f"{ds}: learned threshold nu")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / "plots" / f"nu_{ds}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save_figure(plt, fig, out / "plots" / f"nu_{ds}.png"))
     return paths
 
 
@@ -423,12 +420,7 @@ def plot_k_sweep(out: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
         ax.set_xticks(ks)
         ax.set_title(f"{ds} / {model}: k sweep")
         ax.legend(fontsize=7, ncol=2)
-        fig.tight_layout()
-        path = out / "plots" / f"k_sweep_{ds}_{model}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save_figure(plt, fig, out / "plots" / f"k_sweep_{ds}_{model}.png"))
     return paths
 
 
@@ -451,12 +443,7 @@ def plot_ablation(out: Path, rows: Sequence[dict[str, Any]]) -> list[Path]:
         ax.set_ylim(0, 1)
         ax.set_title(f"{ds} / {model}: ablation")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = out / "plots" / f"ablation_{ds}_{model}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=90)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save_figure(plt, fig, out / "plots" / f"ablation_{ds}_{model}.png"))
     return paths
 
 

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 import adapters
 from adapters.base import Adapter, backbone_of, is_wrapped
 
+from madcluster_plugin.files import atomic_write, atomic_write_text
 from madcluster_plugin.train import (all_gather_objects, all_reduce_sum, barrier, broadcast_object,
                                      write_checkpoint)
 
@@ -519,7 +520,7 @@ class ResultStore:
                     f"{self.out} holds results of a different configuration (differs in {diff}); "
                     f"resume with the same options or pass a new --out")
         else:
-            _atomic_write_text(path, text)
+            atomic_write_text(path, text)
 
     def _load(self) -> list[dict[str, str]]:
         if not self.rows_path.exists():
@@ -558,25 +559,16 @@ class ResultStore:
                 raise ValueError(f"{spec.slug()}: checkpoints=True needs RunResult.model")
             write_checkpoint(result.model, self.checkpoint_path(spec), spec=spec_dict(spec),
                              best_epoch=result.row["best_epoch"])
-        path = self.artefact_path(spec)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, scores=result.point_scores, labels=result.labels.astype(np.int8),
-                            **{k: np.asarray(v, dtype=np.float64) for k, v in result.history.items()})
-        os.replace(tmp, path)
+        arrays = {"scores": result.point_scores, "labels": result.labels.astype(np.int8),
+                  **{k: np.asarray(v, dtype=np.float64) for k, v in result.history.items()}}
+        atomic_write(self.artefact_path(spec), lambda fh: np.savez_compressed(fh, **arrays))
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         new_file = not self.rows_path.exists() or self.rows_path.stat().st_size == 0
         if new_file:
             writer.writerow(COLUMNS)
         writer.writerow([_format(result.row[c]) for c in COLUMNS])
-        data = buf.getvalue().encode()
-        fd = os.open(self.rows_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _append_fsynced(self.rows_path, buf.getvalue().encode())
         self.rows.append({c: _format(result.row[c]) for c in COLUMNS})
         self.done.add(spec.key())
 
@@ -593,12 +585,7 @@ class ResultStore:
             return
         record = {**spec_dict(spec), "error": type(exc).__name__, "message": str(exc),
                   "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        fd = os.open(self.failures_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, (json.dumps(record, default=str) + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _append_fsynced(self.failures_path, (json.dumps(record, default=str) + "\n").encode())
 
 
 def unresolved_failures(out: str | os.PathLike) -> list[dict[str, Any]]:
@@ -625,13 +612,15 @@ def unresolved_failures(out: str | os.PathLike) -> list[dict[str, Any]]:
     return list(latest.values())
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: several may share --out
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def _append_fsynced(path: Path, data: bytes) -> None:
+    """Append ``data`` with one ``write`` on an ``O_APPEND`` descriptor, then fsync: lines from
+    several processes never interleave, and a line is on disk before the next run starts."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------

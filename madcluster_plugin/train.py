@@ -31,7 +31,6 @@ import datetime
 import logging
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -40,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .capture import strip_prefixes, unwrap_container
+from .files import atomic_write
 from .head import MADClusterHead
 from .wrapper import MADClusterModel
 
@@ -484,19 +484,7 @@ def write_checkpoint(model: nn.Module, path: str | os.PathLike, **extra: Any) ->
     out = Path(path)
     state = {k: v.detach().cpu() for k, v in unwrap_container(model).state_dict().items()}
     payload = {"format": CHECKPOINT_FORMAT, "state_dict": state, "world_size": world_size(), **extra}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return out
+    return atomic_write(out, lambda fh: torch.save(payload, fh))
 
 
 def save_checkpoint(model: nn.Module, path: str | os.PathLike, **extra: Any) -> Path | None:

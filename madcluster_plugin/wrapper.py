@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 
 from .capture import LAYOUTS, infer_dim, resolve_module, select_output, to_btd, unwrap_container
 from .config import MADClusterConfig
+from .files import atomic_write
 from .head import HeadOutput, MADClusterHead
 
 COMBINES = ("sum", "product", "head", "base")
@@ -251,8 +251,8 @@ class MADClusterModel(nn.Module):
         meta = {"format": "madcluster-plugin/1", "wrap": self.wrap_options(),
                 "config": json.loads(self.head.config.to_json())}
         state = {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
-        _atomic_write(out / HEAD_WEIGHTS, lambda f: torch.save(state, f))
-        _atomic_write(out / HEAD_CONFIG, lambda f: f.write(json.dumps(meta, indent=2).encode()))
+        atomic_write(out / HEAD_WEIGHTS, lambda f: torch.save(state, f))
+        atomic_write(out / HEAD_CONFIG, lambda f: f.write(json.dumps(meta, indent=2).encode()))
         return out
 
     @classmethod
@@ -292,20 +292,6 @@ def _mean_std(x: Tensor) -> tuple[float, float]:
         raise ValueError("score statistics need a non-empty, finite set of training scores")
     std = float(x.std(unbiased=False)) if x.numel() > 1 else 0.0
     return float(x.mean()), max(std, _SCORE_STD_FLOOR)
-
-
-def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def wrap(model: nn.Module, hidden: HiddenSpec, *, dim: int | None = None, example_input: Any = None,
