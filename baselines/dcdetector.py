@@ -148,25 +148,26 @@ def keep_mask(shape: tuple[int, ...], p: float, device: torch.device | str = "cp
 
 
 class DroppedBilinearLogits(torch.autograd.Function):
-    """Attention logits of dropped-out token embeddings, keeping a bool mask instead of embeddings.
+    """Attention logits of (dropped-out) token embeddings, keeping a bool mask instead of embeddings.
 
-    ``apply(z [N, m, y], g [y, d], pos [m, d], a [K, d, d], w [K, d], keep [N, m, d], scale, batch)``
-    with ``e = (z g + pos) * keep * scale`` (the conv embedding as a product on the unfolded
-    values, then dropout) returns ``logits [N, m, K, m]`` with ``logits[n, i, k, j] = e_i A_k e_j +
+    ``apply(z [N, m, y], g [y, d], pos [m, d], a [K, d, d], w [K, d], keep [N, m, d] | None, scale,
+    batch)`` with ``e = (z g + pos) * keep * scale`` (the conv embedding as a product on the
+    unfolded values, then dropout; ``keep=None``: no dropout) returns ``logits [N, m, K, m]`` with ``logits[n, i, k, j] = e_i A_k e_j +
     w_k e_j`` (= ``Q K^T / sqrt(E)`` up to terms constant along the softmax axis) and the channel
     mean of ``e`` ``[batch, m, d]``. The same numbers as the autograd composition (tested), with
     the same three ``d x d`` products per token and map (``e A`` forward, ``e^T dG`` and ``dG A^T``
     backward), but it keeps only ``e A``, the inputs and the bool mask: ``e`` (cheap to recompute
     from the ``y``-dimensional unfolded values), the dropout noise as floats and per-map gradients
-    of size ``[N, m, K, d]`` are never stored. This is what brings a training step with embedding
-    dropout to a third of the released computation's peak memory (docs/results/dcdetector-speed.md).
+    of size ``[N, m, K, d]`` are never stored. With embedding dropout this takes a training step
+    to 0.41x of the released computation's peak RSS, 0.33x of its step increment
+    (docs/results/dcdetector-speed.md).
     """
 
     @staticmethod
-    def _embed(z: Tensor, g: Tensor, pos: Tensor, keep: Tensor, scale: float) -> Tensor:
+    def _embed(z: Tensor, g: Tensor, pos: Tensor, keep: Tensor | None, scale: float) -> Tensor:
         n, m, y = z.shape
         e = (z.reshape(n * m, y) @ g).view(n, m, -1).add_(pos)
-        return e.mul_(keep).mul_(scale)
+        return e if keep is None else e.mul_(keep).mul_(scale)
 
     @staticmethod
     def forward(ctx, z: Tensor, g: Tensor, pos: Tensor, a: Tensor, w: Tensor, keep: Tensor,
@@ -201,7 +202,8 @@ class DroppedBilinearLogits(torch.autograd.Function):
             de2.addmm_(dfa, a[map_k].T)
         if d_mean is not None:
             de.view(ctx.batch, n // ctx.batch, m, d).add_(d_mean.unsqueeze(1), alpha=ctx.batch / n)
-        de.mul_(keep).mul_(ctx.scale)
+        if keep is not None:
+            de.mul_(keep).mul_(ctx.scale)
         dz = (de2 @ g.T).view(n, m, y) if ctx.needs_input_grad[0] else None
         dg = z.reshape(n * m, y).T @ de2 if ctx.needs_input_grad[1] else None
         dpos = de.sum(0) if ctx.needs_input_grad[2] else None
@@ -362,24 +364,20 @@ class DCdetector(nn.Module):
             logits = torch.baddbmm(base, r, z.transpose(1, 2))
             e_mean = z.unflatten(0, (batch, self.n_channels)).mean(1) @ g + pos
             return logits.view(n_seq, m, k_maps, m), e_mean
-        if self.n_heads == 1 and embed_dropout:  # one d x d product per token instead of two (Q and K)
-            p = emb.dropout.p
-            keep = keep_mask((n_seq, m, self.d_model), p, u.device)
+        if self.n_heads == 1:  # one d x d product per token instead of two (Q and K)
+            p = emb.dropout.p if embed_dropout else 0.0
+            keep = keep_mask((n_seq, m, self.d_model), p, u.device) if embed_dropout else None
             return DroppedBilinearLogits.apply(circular_unfold(u), emb.kernel_matrix(), emb.pe[:m], a, w,
                                                keep, 1.0 / (1.0 - p), batch)
-        e = emb(u)  # [N, m, d]
-        if self.n_heads == 1:
-            fa = torch.einsum("nmd,kdf->nmkf", e, a) + w
-            logits = torch.bmm(fa.view(n_seq, m * k_maps, -1), e.transpose(1, 2)).view(n_seq, m, k_maps, m)
-        else:
-            H, dh = self.n_heads, self.d_model // self.n_heads
-            wq = torch.stack([layer.query_projection.weight for layer in self.layers])
-            bq = torch.stack([layer.query_projection.bias for layer in self.layers])
-            wk = torch.stack([layer.key_projection.weight for layer in self.layers])
-            bk = torch.stack([layer.key_projection.bias for layer in self.layers])
-            q = (torch.einsum("nmd,led->nmle", e, wq) + bq).unflatten(-1, (H, dh))
-            k = (torch.einsum("nmd,led->nmle", e, wk) + bk).unflatten(-1, (H, dh))
-            logits = torch.einsum("nmlhe,nslhe->nmlhs", q, k).flatten(2, 3) / math.sqrt(dh)
+        e = emb(u)  # [N, m, d]; several heads: per-head query and key projections
+        H, dh = self.n_heads, self.d_model // self.n_heads
+        wq = torch.stack([layer.query_projection.weight for layer in self.layers])
+        bq = torch.stack([layer.query_projection.bias for layer in self.layers])
+        wk = torch.stack([layer.key_projection.weight for layer in self.layers])
+        bk = torch.stack([layer.key_projection.bias for layer in self.layers])
+        q = (torch.einsum("nmd,led->nmle", e, wq) + bq).unflatten(-1, (H, dh))
+        k = (torch.einsum("nmd,led->nmle", e, wk) + bk).unflatten(-1, (H, dh))
+        logits = torch.einsum("nmlhe,nslhe->nmlhs", q, k).flatten(2, 3) / math.sqrt(dh)
         return logits, e.unflatten(0, (batch, self.n_channels)).mean(1)
 
     def _channel_mean_maps(self, logits: Tensor, batch: int) -> Tensor:

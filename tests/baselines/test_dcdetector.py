@@ -278,20 +278,23 @@ def test_seeded_runs_give_identical_scores():
 
 def _dropped_reference(z, g, pos, a, w, keep, scale, batch):
     """The autograd composition DroppedBilinearLogits replaces (embedding, dropout, e A + w, keys)."""
-    e = (z @ g + pos) * keep * scale
+    e = z @ g + pos
+    e = e if keep is None else e * keep * scale
     fa = torch.einsum("nmd,kdf->nmkf", e, a) + w
     logits = torch.einsum("nikf,njf->nikj", fa, e)
     return logits, e.unflatten(0, (batch, -1)).mean(1)
 
 
-def test_dropped_bilinear_logits_match_autograd_and_pass_gradcheck():
-    """The embedding-dropout path keeps only a bool mask and ``e A``; its maps equal the composition's
-    (logits differ only by terms constant along the softmax axis) and so do all gradients."""
+@pytest.mark.parametrize("dropout", [True, False])
+def test_dropped_bilinear_logits_match_autograd_and_pass_gradcheck(dropout):
+    """The single-head dense path keeps only a bool mask (or none) and ``e A``; its maps equal the
+    composition's (logits differ only by terms constant along the softmax axis) and so do all
+    gradients."""
     torch.manual_seed(0)
     n, m, y, d, k, batch = 8, 7, 6, 16, 3, 2
     dt = torch.float64
     inputs = [torch.randn(*s, dtype=dt, requires_grad=True) for s in ((n, m, y), (y, d), (m, d), (k, d, d), (k, d))]
-    keep = keep_mask((n, m, d), 0.3)
+    keep = keep_mask((n, m, d), 0.3) if dropout else None
     ours = lambda *t: DroppedBilinearLogits.apply(*t, keep, 1 / 0.7, batch)  # noqa: E731
     assert torch.autograd.gradcheck(ours, tuple(inputs))
     logits, mean = ours(*inputs)
