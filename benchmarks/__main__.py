@@ -195,7 +195,7 @@ def _run_grid_command(args: argparse.Namespace, argv: Sequence[str], ctx: Any, d
     from . import distributed
     from .profiles import get_profile
     from .reports import render_table, write_plots, write_table
-    from .runner import ResultStore, RunConfig, run_grid, unresolved_failures
+    from .runner import KEEP_GOING_UNDER_TORCHRUN, ResultStore, RunConfig, run_grid, unresolved_failures
 
     threads = args.threads or (1 if device == "cpu" else None)
     if threads:
@@ -226,8 +226,7 @@ def _run_grid_command(args: argparse.Namespace, argv: Sequence[str], ctx: Any, d
               f"to do), profile {profile.name}, protocol {args.protocol}, device {label} -> {out}")
     t0 = time.perf_counter()
     if args.keep_going and ctx.active:
-        raise SystemExit("error: --keep-going is not supported under torchrun (a rank failing alone "
-                         "would leave the others waiting); run without it and resume after a failure")
+        raise SystemExit(f"error: {KEEP_GOING_UNDER_TORCHRUN}")
     run_grid(specs, cfg, store, args.data_dir, progress=not args.no_progress,
              after_row=lambda st: write_table(st.out, args.command, config, command_line),
              keep_going=args.keep_going)

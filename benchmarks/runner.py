@@ -63,6 +63,8 @@ METRIC_COLUMNS = ("f1", "precision", "recall", "threshold", "f1_val", "precision
                   "threshold_val", "pa_f1", "aff_p", "aff_r", "vus_roc", "vus_pr", "r_auc_roc",
                   "r_auc_pr", "auc_roc", "auc_pr", "f1_floor")
 FAILURES_FILE = "failures.jsonl"
+KEEP_GOING_UNDER_TORCHRUN = ("--keep-going is not supported under torchrun (a rank failing alone would "
+                             "leave the others waiting); run without it and resume after a failure")
 COLUMNS = (*KEY_COLUMNS, *METRIC_COLUMNS, "nu_final", "hidden_std", "best_epoch", "epochs_run",
            "best_val_loss", "n_params", "train_seconds", "score_seconds", "eval_seconds",
            "protocol", "profile", "combine", "device")
@@ -641,8 +643,7 @@ def run_grid(specs: Sequence[RunSpec], cfg: RunConfig, store: ResultStore,
     """
     ctx = distributed.context()
     if keep_going and ctx.active:
-        raise ValueError("keep_going is not supported under torchrun (a rank failing alone would "
-                         "leave the others waiting); run without it and resume after a failure")
+        raise ValueError(KEEP_GOING_UNDER_TORCHRUN)
     todo = [s for s in specs if not store.is_done(s)]
     if ctx.main:
         log.info("%d runs requested, %d already in %s, %d to do", len(specs), len(specs) - len(todo),
